@@ -1,0 +1,28 @@
+"""Composing the Hydra config outside ``fedvision run`` (for commands that share its settings)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from fedvision.errors import FedvisionError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with command-line style overrides (``key=value``)."""
+    if not (CONF_DIR / "config.yaml").exists():
+        raise FedvisionError(
+            f"no Hydra config at {CONF_DIR}; install fedvision with pip install -e"
+        )
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise FedvisionError(str(exc).strip().splitlines()[0]) from exc

@@ -1,0 +1,45 @@
+"""Message keys and file names, kept in one place so that writers and readers agree."""
+
+# --- decoded cache (fedvision data prepare) ------------------------------------------------------
+CACHE_META = "meta.json"  # written last: its presence marks a complete cache
+CACHE_IMAGES = "images.u8"  # uint8 memmap, shape [N, 3, H, W]
+CACHE_LABELS = "labels.npy"  # int64 [N]
+CACHE_PROGRESS = "progress.jsonl"  # resumable prepare: one line per finished chunk
+
+# --- partitions ----------------------------------------------------------------------------------
+PARTITION_FILE = "partition.npz"
+PARTITION_STATS = "partition_stats.md"
+PARTITION_HEATMAP = "partition_heatmap.png"
+
+# --- run directory -------------------------------------------------------------------------------
+RUN_CONFIG = "config.yaml"
+RUN_VERSIONS = "versions.json"
+RUN_METRICS = "metrics.jsonl"
+RUN_SUMMARY = "summary.json"
+RUN_CURVES = "curves.png"
+CKPT_LATEST = "checkpoint_latest.pt"
+CKPT_BEST = "checkpoint_best.pt"
+
+# --- Flower message keys -------------------------------------------------------------------------
+KEY_ARRAYS = "arrays"
+KEY_METRICS = "metrics"
+KEY_CONFIG = "config"
+KEY_NUM_EXAMPLES = "num-examples"  # Flower's strategies weight by this key
+KEY_PROXIMAL_MU = "proximal-mu"  # set by flwr.serverapp.strategy.FedProx
+KEY_SERVER_ROUND = "server-round"
+KEY_PARTITION_ID = "partition-id"
+KEY_NUM_PARTITIONS = "num-partitions"
+
+# --- node config (what a client knows about itself) ---------------------------------------------
+NODE_CACHE_DIR = "cache-dir"  # decoded train cache of this node's data
+NODE_PARTITION_FILE = "partition-file"  # partition.npz naming this node's indices
+NODE_DEVICE = "device"  # auto | cpu | cuda
+
+# --- metric keys in client replies ---------------------------------------------------------------
+KEY_TRAIN_LOSS = "train_loss"
+KEY_TRAIN_ACC = "train_accuracy"
+KEY_TRAIN_SECONDS = "train_s"
+KEY_VAL_LOSS = "val_loss"
+KEY_VAL_ACC = "val_accuracy"
+KEY_NUM_TRAIN = "num-train"
+KEY_NUM_VAL = "num-val"
