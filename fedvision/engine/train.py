@@ -1,0 +1,400 @@
+"""Local training and evaluation on a decoded uint8 cache (the work one federated client does).
+
+Batches are gathered by fancy-indexing the (memory-mapped) cache with sorted index batches,
+moved to the device and augmented there as a batch; no DataLoader or per-sample Python loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedvision.data.transforms import PRESETS, build_eval_transform, build_train_transform
+from fedvision.engine.device import resolve_device
+from fedvision.engine.objectives import proximal_term
+from fedvision.errors import FedvisionError
+from fedvision.models import set_train_mode, trainable_parameters
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """What a client needs to train locally for one round.
+
+    Attributes
+    ----------
+    epochs
+        Local epochs over the client's samples; 0 allowed when ``max_steps`` is set.
+    max_steps
+        Cap on local optimiser steps (``None`` or 0: no cap); with ``epochs=0`` it alone sets
+        the amount of work.
+    batch_size, lr, optimizer, momentum, weight_decay
+        Optimiser settings; ``optimizer`` is ``sgd`` (with momentum) or ``adam``. A fresh
+        optimiser is built every call, as FedAvg/FedProx clients do.
+    proximal_mu
+        FedProx coefficient; 0 = plain FedAvg local training.
+    augment
+        Augmentation preset, one of ``fedvision.data.transforms.PRESETS``.
+    seed
+        Drives data order, augmentation and dropout of this call.
+    amp, channels_last
+        bf16 autocast and channels-last memory format; used on CUDA only.
+    image_size
+        Train at this side length (resizing crops); ``None`` or 0 keeps the cache's size.
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    proximal_mu: float = 0.0
+    augment: str = "light"
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_steps == 0:
+            self.max_steps = None
+        if self.image_size == 0:
+            self.image_size = None
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.epochs < 0 or (self.max_steps is not None and self.max_steps < 0):
+            problems.append("epochs and max_steps must not be negative")
+        if self.epochs < 1 and self.max_steps is None:
+            problems.append("set epochs >= 1 or max_steps >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})"
+            )
+        if self.momentum < 0 or self.weight_decay < 0 or self.proximal_mu < 0:
+            problems.append("momentum, weight_decay and proximal_mu must be >= 0")
+        if self.augment not in PRESETS:
+            problems.append(f"augment must be one of {', '.join(PRESETS)} (got {self.augment!r})")
+        if self.image_size is not None and self.image_size < 1:
+            problems.append(f"image_size must be >= 1 (got {self.image_size})")
+        if problems:
+            raise FedvisionError("invalid training config: " + "; ".join(problems))
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any], *, strict: bool = False) -> TrainConfig:
+        """Build and validate a config from a mapping (Hydra node, Flower ConfigRecord, dict).
+
+        Parameters
+        ----------
+        d
+            Keys are field names; ``-`` is read as ``_`` (so Flower's ``proximal-mu`` works).
+        strict
+            Reject keys that are not fields (otherwise they are ignored, since a round's config
+            also carries keys meant for others, e.g. ``server-round``).
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in d.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in fields:
+                if strict:
+                    raise FedvisionError(
+                        f"unknown training config key {raw_key!r}; known: {', '.join(fields)}"
+                    )
+                continue
+            kwargs[key] = _coerce(key, value, cls.__dataclass_fields__[key].default)
+        return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if key in ("max_steps", "image_size", "epochs", "batch_size", "seed"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not an integer")
+            return int(value)
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError("not a boolean")
+                return value.strip().lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise FedvisionError(
+            f"invalid training config value {key}={value!r}: {exc}; expected a "
+            f"{type(default).__name__ if default is not None else 'int'}"
+        ) from exc
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_local`.
+
+    ``loss`` is the mean cross-entropy over the samples seen (without the proximal term),
+    ``accuracy`` the accuracy on the augmented training batches, ``num_examples`` the size of
+    the client's partition (the weight FedAvg uses).
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    steps: int
+    samples_seen: int
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    """Outcome of :func:`evaluate`: mean loss, accuracy, number of samples evaluated."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+def _split(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Cut ``order`` into batches, each sorted so the memmap is read front to back."""
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    # A trailing batch of one sample breaks BatchNorm on 1x1 feature maps: fold it into the
+    # previous batch (or, for a one-sample client, see the sample twice, differently augmented).
+    if len(batches[-1]) == 1:
+        if len(batches) > 1:
+            batches[-2:] = [np.concatenate(batches[-2:])]
+        else:
+            batches[-1] = np.repeat(batches[-1], 2)
+    return [np.sort(b) for b in batches]
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    steps = math.ceil(n / batch_size)
+    return steps - 1 if steps > 1 and n % batch_size == 1 else steps
+
+
+def _owned(arr: np.ndarray) -> np.ndarray:
+    """Fancy indexing already copies; a slice of a read-only memmap must be copied once."""
+    if arr.flags.writeable and arr.flags.c_contiguous:
+        return arr
+    return np.array(arr)
+
+
+def _load(
+    images: np.ndarray, labels: np.ndarray, idx: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(_owned(images[idx]))
+    y = torch.from_numpy(_owned(labels[idx]).astype(np.int64, copy=False))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
+            device, non_blocking=True
+        )
+    return x, y
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def train_local(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device | str,
+    *,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place on the samples ``indices`` of a decoded cache.
+
+    Parameters
+    ----------
+    model
+        The model holding the global weights; it is moved to ``device`` and trained in place.
+    images
+        uint8 array ``[N, 3, S, S]`` (usually a read-only ``np.memmap``).
+    labels
+        int64 array ``[N]``.
+    indices
+        int64 indices of the samples this client owns.
+    cfg
+        Local training settings.
+    device
+        Where to train (a ``torch.device`` or a string for :func:`resolve_device`).
+    progress
+        Show a tqdm bar over steps on stderr.
+
+    Returns
+    -------
+    TrainResult
+    """
+    device = _as_device(device)
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size == 0:
+        raise FedvisionError(
+            "train_local got no samples (empty indices); this client's partition is empty, "
+            "repartition with fewer clients or a larger Dirichlet alpha"
+        )
+    n = len(indices)
+    on_cuda = device.type == "cuda"
+    amp = cfg.amp and on_cuda
+    channels_last = cfg.channels_last and on_cuda
+    transform = build_train_transform(cfg.augment, cfg.image_size)
+
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    set_train_mode(model)
+    params = trainable_parameters(model)
+    if not params:
+        raise FedvisionError("the model has no trainable parameters; check the finetune mode")
+    use_prox = cfg.proximal_mu > 0
+    global_params = [p.detach().clone() for p in params] if use_prox else []
+    optimizer = _make_optimizer(params, cfg)
+
+    total = _steps_per_epoch(n, cfg.batch_size) * cfg.epochs if cfg.epochs >= 1 else math.inf
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    total = int(total)
+
+    # One CPU generator drives order and augmentation; fork_rng confines dropout's use of the
+    # global RNG to this call, so a seed reproduces a call without side effects elsewhere.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = step = 0
+    start = time.perf_counter()
+    with (
+        torch.random.fork_rng(devices=_rng_devices(device)),
+        tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar,
+    ):
+        torch.manual_seed(cfg.seed)
+        while step < total:
+            order = indices[torch.randperm(n, generator=gen).numpy()]
+            for idx in _split(order, cfg.batch_size):
+                if step >= total:
+                    break
+                x, y = _load(images, labels, idx, device)
+                x = transform(x, generator=gen)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                objective = (
+                    loss + proximal_term(params, global_params, cfg.proximal_mu)
+                    if use_prox
+                    else loss
+                )
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(idx)
+                step += 1
+                bar.update(1)
+        mean_loss = loss_sum.item() / seen
+        accuracy = correct.item() / seen
+    return TrainResult(
+        loss=mean_loss,
+        accuracy=accuracy,
+        num_examples=n,
+        steps=step,
+        samples_seen=seen,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray | None = None,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str,
+    image_size: int | None = None,
+    amp: bool = True,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate ``model`` (eval mode, no augmentation) on samples of a decoded cache.
+
+    Parameters
+    ----------
+    model
+        The model to evaluate; it is moved to ``device``.
+    images, labels
+        The decoded cache (uint8 ``[N, 3, S, S]``) and its int64 labels.
+    indices
+        Samples to evaluate; ``None`` evaluates all. Empty gives ``num_examples=0``.
+    batch_size
+        Evaluation batch size.
+    device
+        Where to evaluate.
+    image_size
+        Resize to this side length; ``None`` keeps the cache's size.
+    amp
+        bf16 autocast on CUDA.
+    progress
+        Show a tqdm bar on stderr.
+
+    Returns
+    -------
+    EvalResult
+        Mean cross-entropy, accuracy and the number of samples.
+    """
+    device = _as_device(device)
+    if batch_size < 1:
+        raise FedvisionError(f"evaluation batch_size must be >= 1 (got {batch_size})")
+    if indices is None:
+        n = len(labels)
+        batches: list[Any] = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    else:
+        order = np.sort(np.asarray(indices, dtype=np.int64))
+        n = len(order)
+        batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if n == 0:
+        return EvalResult(loss=0.0, accuracy=0.0, num_examples=0)
+    transform = build_eval_transform(image_size)
+    model.to(device).eval()
+    amp = amp and device.type == "cuda"
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    with torch.inference_mode():
+        for idx in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
+            x, y = _load(images, labels, idx, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(transform(x))
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+    return EvalResult(loss=loss_sum.item() / n, accuracy=correct.item() / n, num_examples=n)
