@@ -1,0 +1,85 @@
+"""What the server tells a client each round, and how the client reads it.
+
+Both directions live in this one module so that the keys of the train ConfigRecord cannot drift
+apart between ServerApp and ClientApp. A ConfigRecord holds no ``None``: "unset" travels as -1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from fedvision import constants as C
+from fedvision.engine.train import TrainConfig
+from fedvision.errors import FedvisionError
+
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+def round_lr(client: Mapping[str, Any], server_round: int, num_rounds: int) -> float:
+    """Learning rate for a round under the configured schedule over rounds.
+
+    ``cosine`` decays from ``lr`` (round 1) to ``lr * lr_min_factor`` (last round); ``step``
+    multiplies by ``lr_gamma`` every ``lr_step_rounds`` rounds.
+    """
+    lr = float(client["lr"])
+    schedule = client.get("lr_schedule", "constant")
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        low = lr * float(client.get("lr_min_factor", 0.0))
+        progress = 0.0 if num_rounds <= 1 else (server_round - 1) / (num_rounds - 1)
+        return low + 0.5 * (lr - low) * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        steps = (server_round - 1) // max(1, int(client.get("lr_step_rounds", 10)))
+        return lr * float(client.get("lr_gamma", 0.5)) ** steps
+    raise FedvisionError(
+        f"client.lr_schedule={schedule!r} is unknown; use one of {', '.join(LR_SCHEDULES)}"
+    )
+
+
+def train_config(
+    cfg: Mapping[str, Any], server_round: int, num_classes: int
+) -> dict[str, int | float | str | bool]:
+    """Build the train ConfigRecord content for one round from the experiment config."""
+    client, model = cfg["client"], cfg["model"]
+    steps = client.get("local_steps")
+    return {
+        "model-name": str(model["name"]),
+        "model-finetune": str(model.get("finetune", "full")),
+        "model-last-k": int(model.get("last_k", 1)),
+        "num-classes": int(num_classes),
+        "local-epochs": int(client["local_epochs"]),
+        "local-steps": -1 if steps is None else int(steps),
+        "batch-size": int(client["batch_size"]),
+        "optimizer": str(client["optimizer"]),
+        "lr": float(round_lr(client, server_round, int(cfg["num_rounds"]))),
+        "momentum": float(client.get("momentum", 0.0)),
+        "weight-decay": float(client.get("weight_decay", 0.0)),
+        "augment": str(client.get("augment", "none")),
+        "seed": int(cfg["seed"]),
+    }
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """One seed per (run seed, round, client): data order and augmentation are reproducible."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
+
+
+def to_train_config(record: Mapping[str, Any], partition_id: int) -> TrainConfig:
+    """Read a round's train ConfigRecord into the engine's TrainConfig."""
+    steps = int(record["local-steps"])
+    return TrainConfig(
+        epochs=int(record["local-epochs"]),
+        max_steps=None if steps < 0 else steps,
+        batch_size=int(record["batch-size"]),
+        lr=float(record["lr"]),
+        optimizer=str(record["optimizer"]),
+        momentum=float(record["momentum"]),
+        weight_decay=float(record["weight-decay"]),
+        # FedProx's configure_train adds this key; FedAvg leaves it out.
+        proximal_mu=float(record.get(C.KEY_PROXIMAL_MU, 0.0)),
+        augment=str(record["augment"]),
+        seed=client_seed(int(record["seed"]), int(record[C.KEY_SERVER_ROUND]), partition_id),
+    )
