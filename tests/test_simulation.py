@@ -48,6 +48,8 @@ def overrides(dataset, **extra) -> list[str]:
         "client.local_epochs": 3,
         "client.lr": 0.01,
         "client.augment": "none",  # two rounds on 300 images: augmentation only slows learning
+        "strategy.fraction_evaluate": 1.0,  # clients also evaluate on their local validation parts
+        "strategy.min_evaluate_nodes": 1,
         "progress": False,
     }
     base.update(extra)
@@ -79,6 +81,7 @@ def test_two_clients_two_rounds_learn_and_fill_the_run_directory(reference_run):
         for key in ("accuracy", "loss", "train_loss", "num_clients", "bytes_down", "bytes_up"):
             assert r[key] is not None, key
         assert r["num_clients"] == 2 and r["round_s"] > 0
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and r["val_loss"] > 0
         # Both directions carry one full model per client.
         assert r["bytes_down"] == r["bytes_up"] > 2 * 40e6
     chance = 1 / 4
@@ -130,7 +133,7 @@ def test_resumed_run_ends_with_the_metrics_of_an_uninterrupted_one(
     got, want = read_metrics(run_dir), read_metrics(ref_dir)
     assert [r["round"] for r in got] == [0, 1, 2]
     for g, w in zip(got, want, strict=True):
-        for key in ("accuracy", "loss", "train_loss", "clients"):
+        for key in ("accuracy", "loss", "train_loss", "val_accuracy", "clients"):
             assert g.get(key) == w.get(key), (key, g, w)
     summary = json.loads((run_dir / C.RUN_SUMMARY).read_text())
     assert summary["final_accuracy"] == ref_summary["final_accuracy"]

@@ -241,8 +241,8 @@ def run_federation(grid: Grid, strategy: Strategy, plan: ServerPlan) -> dict[str
         _save_checkpoint(plan.run_dir / C.CKPT_LATEST, state, meta)
         if best_round == rnd:
             _save_checkpoint(plan.run_dir / C.CKPT_BEST, state, meta)
+        bar.set_postfix(acc=_fmt(record["accuracy"]), loss=_fmt(record["loss"]), refresh=False)
         bar.update(1)
-        bar.set_postfix(acc=_fmt(record["accuracy"]), loss=_fmt(record["loss"]), refresh=True)
     bar.close()
     return recorder.finish(num_rounds=num_rounds, wall_s=time.perf_counter() - t_start)
 
