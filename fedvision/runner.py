@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedvision import constants as C
+from fedvision.atomic import write_json_atomic
 from fedvision.config import CONF_DIR
 from fedvision.data.cache import PreparedDataset, prepare_dataset
 from fedvision.data.folder import ClassSelection
@@ -41,7 +42,7 @@ from fedvision.fl.server import ServerPlan, build_strategy
 from fedvision.fl.serverapp import RunOutcome, make_server_app
 from fedvision.models import build_model, list_architectures
 from fedvision.report.heatmap import plot_partition_heatmap
-from fedvision.report.metrics import read_metrics, write_json_atomic
+from fedvision.report.metrics import read_metrics
 from fedvision.runtime.simulation import backend_config, run_in_simulation
 
 # What a resumed run may change; everything else is the saved run's config.

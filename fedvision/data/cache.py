@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fedvision.atomic import write_json_atomic
 from fedvision.constants import CACHE_IMAGES, CACHE_LABELS, CACHE_META, CACHE_PROGRESS
 from fedvision.data.folder import ClassSelection, ScannedSplit, read_class_names, scan_dataset
 from fedvision.data.images import as_path, decode_chunk_into, default_workers, map_chunks
@@ -202,12 +203,6 @@ def default_cache_dir(root: Path, fingerprint: str, size: int) -> Path:
 
 
 # --- prepare --------------------------------------------------------------------------------------
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_progress(path: Path) -> tuple[dict | None, list[dict]]:
@@ -508,7 +503,7 @@ def _finalise_split(
         "skipped": [{"path": str(sc.files[row]), "reason": failed[row]} for row in sorted(failed)],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_json_atomic(split_dir / CACHE_META, meta)
+    write_json_atomic(split_dir / CACHE_META, meta)
 
 
 # --- torch dataset --------------------------------------------------------------------------------

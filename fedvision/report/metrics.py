@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedvision import constants as C
+from fedvision.atomic import write_json_atomic, write_text_atomic
 from fedvision.report.plots import plot_curves
 
 
@@ -18,13 +18,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return []
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class RunRecorder:
@@ -41,9 +34,7 @@ class RunRecorder:
         self.run_dir = run_dir
         self.records: list[dict] = list(history)
         self.path = run_dir / C.RUN_METRICS
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     @property
     def best(self) -> tuple[float | None, int | None]:
