@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
 from fedvision.fl.round_config import round_lr, to_train_config, train_config
-from fedvision.fl.server import _NodesView, build_strategy, sample_clients
+from fedvision.fl.server import _federated_evaluate, _NodesView, build_strategy, sample_clients
 
 
 @pytest.fixture(autouse=True)
@@ -128,3 +128,28 @@ def test_strategy_errors_are_one_line():
     )
     assert isinstance(strategy, FedProx) and strategy.proximal_mu == 0.5
     assert strategy.fraction_train == 1.0  # sampling is fedvision's, not the strategy's
+
+
+def _eval_reply(n: int, acc: float) -> Message:
+    metrics = MetricRecord({C.KEY_NUM_EXAMPLES: n, C.KEY_VAL_LOSS: 1.0, C.KEY_VAL_ACC: acc})
+    return Message(content=RecordDict({"metrics": metrics}), dst_node_id=1, message_type="evaluate")
+
+
+@pytest.mark.parametrize(("sizes", "want"), [((0, 0), None), ((0, 4), 0.5), ((2, 6), 0.25)])
+def test_federated_evaluation_weights_clients_and_skips_empty_ones(sizes, want):
+    accuracies = (0.0, 0.5) if sizes != (2, 6) else (1.0, 0.0)
+
+    class Grid:
+        def get_node_ids(self):
+            return [11, 12]
+
+        def send_and_receive(self, messages, timeout):
+            return [_eval_reply(n, a) for n, a in zip(sizes, accuracies, strict=True)]
+
+    cfg = {"seed": 0, "strategy": {"fraction_evaluate": 1.0, "min_evaluate_nodes": 1}}
+    strategy = FedAvg(min_evaluate_nodes=1, min_available_nodes=1)
+    out = _federated_evaluate(
+        Grid(), strategy, ArrayRecord(), ConfigRecord(), cfg, 1, {0: 11, 1: 12}, 5
+    )
+    # Two clients with no validation data used to divide by a zero total weight.
+    assert out["val_accuracy"] == (None if want is None else pytest.approx(want))

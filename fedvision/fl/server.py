@@ -275,7 +275,13 @@ def _federated_evaluate(
     )
     view = _NodesView(grid, [node_of[p] for p in pids])
     messages = list(strategy.configure_evaluate(rnd, arrays, config, view))
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = [
+        m
+        for m in grid.send_and_receive(messages, timeout=timeout)
+        # A client whose validation part is empty has nothing to say (and a zero weight would
+        # divide by zero if every sampled client were such a client).
+        if m.has_error() or m.content[C.KEY_METRICS][C.KEY_NUM_EXAMPLES] > 0
+    ]
     metrics: MetricRecord | None = strategy.aggregate_evaluate(rnd, replies)
     if metrics is None:
         return {"val_accuracy": None, "val_loss": None}
