@@ -8,6 +8,7 @@ progress line. No training happens here; the global model is only evaluated.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -208,6 +209,13 @@ def run_federation(grid: Grid, strategy: Strategy, plan: ServerPlan) -> dict[str
         if not ok:
             raise FedvisionError(
                 f"round {rnd}: every client failed; first: {_first_error(replies)}"
+            )
+        if len(ok) < len(messages):
+            # Counted in metrics.jsonl too; said here so that nobody misses it.
+            tqdm.write(
+                f"fedvision: round {rnd}: {len(messages) - len(ok)} of {len(messages)} clients "
+                f"failed ({_first_error(replies)}); aggregating the other {len(ok)}",
+                file=sys.stderr,
             )
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
