@@ -86,3 +86,15 @@ def test_a_round_where_every_client_fails_stops_the_run(plan_parts, tmp_path):
     plan = _plan(plan_parts, tmp_path)
     with pytest.raises(FedvisionError, match="every client failed; first: ValueError: boom"):
         run_federation(ScriptedGrid({101, 102}), build_strategy(plan.cfg["strategy"]), plan)
+
+
+def test_missing_clients_time_out_with_a_clear_error(plan_parts, tmp_path):
+    plan = _plan(plan_parts, tmp_path)
+    plan.cfg["runtime"]["connect_timeout_s"] = 0.5
+
+    class OneNodeGrid(ScriptedGrid):
+        def get_node_ids(self) -> list[int]:
+            return [101]
+
+    with pytest.raises(FedvisionError, match=r"only 1 of 2 clients connected within 0\.5 s"):
+        run_federation(OneNodeGrid(set()), build_strategy(plan.cfg["strategy"]), plan)

@@ -116,7 +116,8 @@ def discover_clients(grid: Grid, expected: int, timeout_s: float) -> dict[int, i
     while len(node_ids := list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
             raise FedvisionError(
-                f"only {len(node_ids)} of {expected} clients connected within {timeout_s:.0f} s"
+                f"only {len(node_ids)} of {expected} clients connected within {timeout_s:g} s "
+                "(runtime.connect_timeout_s)"
             )
         time.sleep(0.2)
     queries = [
@@ -180,7 +181,9 @@ def run_federation(grid: Grid, strategy: Strategy, plan: ServerPlan) -> dict[str
         )
         return float(res.accuracy), float(res.loss)
 
-    node_of = discover_clients(grid, int(cfg["num_clients"]), timeout)
+    node_of = discover_clients(
+        grid, int(cfg["num_clients"]), float(cfg["runtime"].get("connect_timeout_s", 120))
+    )
     partition_of = {n: p for p, n in node_of.items()}
 
     if plan.start_round == 0:
