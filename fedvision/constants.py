@@ -43,3 +43,13 @@ KEY_VAL_LOSS = "val_loss"
 KEY_VAL_ACC = "val_accuracy"
 KEY_NUM_TRAIN = "num-train"
 KEY_NUM_VAL = "num-val"
+
+# --- dataset trees (ImageNet layout and the built-in generated dataset) --------------------------
+SYNSET_MAPPING = "LOC_synset_mapping.txt"  # ImageNet's "<wnid> <names>" per line
+KAGGLE_VAL_CSV = "LOC_val_solution.csv"
+VAL_LABEL_FILES = ("val_labels.txt", "ILSVRC2012_val_labels.txt")
+DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
+DEVKIT_META = "meta.mat"
+DATASET_JSON = "fedvision_dataset.json"  # written last: its presence marks a complete tree
+SOURCE_CLASSES = "source_classes.txt"  # built-in: classes for pretraining
+TARGET_CLASSES = "target_classes.txt"  # built-in: classes for federated fine-tuning

@@ -69,10 +69,9 @@ def prepare_data(data: DictConfig, *, progress: bool) -> PreparedDataset:
         subset = str(data.subset)
         if subset not in ("source", "target", "all"):
             raise FedvisionError(f"data.subset={subset!r}: use source, target or all")
+        class_file = {"source": C.SOURCE_CLASSES, "target": C.TARGET_CLASSES}.get(subset)
         selection = (
-            None
-            if subset == "all"
-            else ClassSelection.from_config(file=root / f"{subset}_classes.txt")
+            None if class_file is None else ClassSelection.from_config(file=root / class_file)
         )
     else:
         root = Path(str(data.root)).expanduser()

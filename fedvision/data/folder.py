@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fedvision.constants import (
+    DEVKIT_GT,
+    DEVKIT_META,
+    KAGGLE_VAL_CSV,
+    SYNSET_MAPPING,
+    VAL_LABEL_FILES,
+)
 from fedvision.data.images import as_path, is_image_file
 from fedvision.errors import FedvisionError
-
-SYNSET_MAPPING = "LOC_synset_mapping.txt"
-KAGGLE_VAL_CSV = "LOC_val_solution.csv"
-VAL_LABEL_FILES = ("val_labels.txt", "ILSVRC2012_val_labels.txt")
-DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
-DEVKIT_META = "meta.mat"
 
 
 def _few(items: list[str], n: int = 5) -> str:

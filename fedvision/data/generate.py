@@ -24,15 +24,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from fedvision.constants import DATASET_JSON, SOURCE_CLASSES, SYNSET_MAPPING, TARGET_CLASSES
 from fedvision.data.images import as_path, default_workers, map_chunks
 from fedvision.errors import FedvisionError
 from fedvision.paths import builtin_dataset_dir
 
 GENERATOR_VERSION = 2
-DATASET_JSON = "fedvision_dataset.json"  # written last: its presence marks a complete tree
-SYNSET_MAPPING = "LOC_synset_mapping.txt"
-SOURCE_CLASSES = "source_classes.txt"
-TARGET_CLASSES = "target_classes.txt"
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon", "ring", "diamond")
 TEXTURES = ("plain", "striped", "checked", "dotted", "speckled")
