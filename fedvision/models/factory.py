@@ -16,8 +16,8 @@ from fedvision.errors import FedvisionError
 FINETUNE_MODES: tuple[str, ...] = ("full", "head", "last_k")
 # Top-level attributes that hold the classification head, tried in this order.
 _HEAD_ATTRS: tuple[str, ...] = ("fc", "classifier", "heads.head", "head", "heads")
-# Builders whose default (no weights) adds auxiliary classifiers that change forward()'s output.
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+# Builders whose default (no weights) adds auxiliary classifiers that change forward()'s output.
 _AUX_LOGITS: frozenset[str] = frozenset({"googlenet", "inception_v3"})
 
 
