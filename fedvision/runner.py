@@ -184,9 +184,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, resuming: bool = False) ->
     """Run one federated experiment into ``run_dir``; return its summary."""
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    progress = bool(cfg.progress)
     check_config(cfg)
-    prepared = prepare_data(cfg.data, progress=progress)
+    # The resolved config and versions go into the run directory before any work starts.
+    (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_json_atomic(run_dir / C.RUN_VERSIONS, package_versions())
+    prepared = prepare_data(cfg.data, progress=bool(cfg.progress))
     num_classes = len(prepared.classes)
 
     labels = prepared.train.labels
@@ -209,8 +211,6 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, resuming: bool = False) ->
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         start_round, history = 0, []
 
-    (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    write_json_atomic(run_dir / C.RUN_VERSIONS, package_versions())
     print(
         f"fedvision: {num_classes} classes, {len(labels)} train / {len(prepared.val.labels)} "
         f"test images, {spec.num_clients} clients ({spec.scheme}), "

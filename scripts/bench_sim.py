@@ -22,7 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedvision import constants as C
 from fedvision.config import compose_config
+from fedvision.data.partition import load_partition
 from fedvision.data.transforms import build_eval_transform
 from fedvision.models import build_model
 from fedvision.report.metrics import read_metrics
@@ -98,7 +100,7 @@ def main() -> None:
     run_experiment(cfg, run_dir)
     sim_wall = time.perf_counter() - t0
     records = [r for r in read_metrics(run_dir) if r["round"] >= 1]
-    train_part = int(sum(len(p) for p in _partition_train(run_dir)))
+    train_part = sum(len(p) for p in load_partition(run_dir / C.PARTITION_FILE).train)
     samples_per_round = train_part * args.local_epochs
     steady = records[1:-1]
     sim_img_s = samples_per_round * len(steady) / sum(r["round_s"] for r in steady)
@@ -140,12 +142,6 @@ def main() -> None:
             }
         )
     )
-
-
-def _partition_train(run_dir: Path) -> list[np.ndarray]:
-    from fedvision.data.partition import load_partition
-
-    return load_partition(run_dir / "partition.npz").train
 
 
 if __name__ == "__main__":
