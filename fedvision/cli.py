@@ -24,13 +24,16 @@ Examples: fedvision run num_rounds=20 strategy=fedprox strategy.proximal_mu=0.01
 
 def _run(argv: Sequence[str]) -> int:
     """Hand the overrides to the Hydra task (Hydra parses --help, -m, --cfg itself)."""
-    from fedvision.runner import hydra_main
+    from fedvision.runner import check_resume_dir, hydra_main
 
     args = list(argv)
     resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if resume and not any(a.startswith("hydra.run.dir=") for a in args):
-        # A resumed run continues in its own directory rather than a new one.
-        args.append(f"hydra.run.dir={resume[0]}")
+    if resume:
+        # Checked before Hydra runs: Hydra creates its output folder first, and a resume must
+        # neither create a wrong path nor overwrite the original run's .hydra/ record.
+        check_resume_dir(resume[-1])
+        args = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+        args += [f"hydra.run.dir={resume[-1]}", "hydra.output_subdir=null"]
     sys.argv = ["fedvision run", *args]
     hydra_main()
     return 0
@@ -175,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedvision`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run":
-        return _run(argv[1:])  # Hydra owns the rest of the command line
-    ns = build_parser().parse_args(argv)
+    ns = None if argv and argv[0] == "run" else build_parser().parse_args(argv)
     try:
+        if ns is None:
+            return _run(argv[1:])  # Hydra owns the rest of the command line
         return int(ns.handler(ns))
     except FedvisionError as exc:
         print(f"fedvision: error: {exc}", file=sys.stderr)

@@ -12,13 +12,21 @@ PARTITION_STATS = "partition_stats.md"
 PARTITION_HEATMAP = "partition_heatmap.png"
 
 # --- run directory -------------------------------------------------------------------------------
-RUN_CONFIG = "config.yaml"
+RUN_CONFIG = "config.yaml"  # the resolved config as the run started; never rewritten
+RUN_RESUMES = "resumes.jsonl"  # one line per resume: after which round, which keys changed
+RUN_PLAN = "run.json"  # what the launcher prepared: caches, partition, classes (apps read it)
+RUN_STATUS = "status.json"  # written by the ServerApp when it ends: finished or failed, and why
+RUN_INITIAL = "initial_weights.pt"  # the round-0 global model, written before the runtime starts
+SERVER_VAL = "server_val.npy"  # training-set indices the server holds out for model selection
 RUN_VERSIONS = "versions.json"
 RUN_METRICS = "metrics.jsonl"
 RUN_SUMMARY = "summary.json"
 RUN_CURVES = "curves.png"
 CKPT_LATEST = "checkpoint_latest.pt"
 CKPT_BEST = "checkpoint_best.pt"
+
+# --- Flower run config (the same key for `fedvision run` and `flwr run --run-config`) ---------
+RUN_DIR_KEY = "run-dir"
 
 # --- Flower message keys -------------------------------------------------------------------------
 KEY_ARRAYS = "arrays"
@@ -33,7 +41,7 @@ KEY_NUM_PARTITIONS = "num-partitions"
 # --- node config (what a client knows about itself) ---------------------------------------------
 NODE_CACHE_DIR = "cache-dir"  # decoded train cache of this node's data
 NODE_PARTITION_FILE = "partition-file"  # partition.npz naming this node's indices
-NODE_DEVICE = "device"  # auto | cpu | cuda
+NODE_DEVICE = "device"  # auto | cpu | cuda (a simulation's clients take it from run.json)
 
 # --- metric keys in client replies ---------------------------------------------------------------
 KEY_TRAIN_LOSS = "train_loss"

@@ -1,12 +1,16 @@
-"""``fedvision run``: compose the config, prepare data and partitions, build the model, simulate.
+"""``fedvision run``: check the config, prepare the run directory, start the chosen runtime.
 
 Orchestration only: every step is a call into a layer (data, models, fl, runtime, report).
-Everything that can be wrong with the config or the inputs is checked here, before Ray starts.
+Everything that can be wrong with the config is checked before any data work or runtime starts.
+The run directory is the whole hand-over: the runtime's ServerApp reads it and writes its
+results into it, and this module reads them back from there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -15,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fedvision import constants as C
@@ -30,23 +36,29 @@ from fedvision.data.partition import (
     PartitionSpec,
     client_class_counts,
     format_partition_table,
+    holdout_split,
     make_partition,
     partition_stats,
     save_partition,
     summary_stats,
 )
 from fedvision.errors import FedvisionError
-from fedvision.fl.clientapp import make_client_app
-from fedvision.fl.round_config import round_lr, to_train_config, train_config
-from fedvision.fl.server import ServerPlan, build_strategy
-from fedvision.fl.serverapp import RunOutcome, make_server_app
+from fedvision.fl.checkpoint import load_checkpoint
+from fedvision.fl.round_config import check_every_round, lr_horizon
+from fedvision.fl.server import check_strategy
 from fedvision.models import build_model, list_architectures
 from fedvision.report.heatmap import plot_partition_heatmap
-from fedvision.report.metrics import read_metrics
-from fedvision.runtime.simulation import backend_config, run_in_simulation
+from fedvision.rundir import (
+    RunPlan,
+    append_resume,
+    load_run_config,
+    read_plan,
+    read_status,
+    write_plan,
+)
 
 # What a resumed run may change; everything else is the saved run's config.
-RESUMABLE_KEYS = ("num_rounds", "progress", "verbose", "device", "resume")
+RESUMABLE_KEYS = ("num_rounds", "progress", "verbose", "device")
 PACKAGES = ("fedvision", "torch", "torchvision", "flwr", "ray", "numpy", "hydra-core")
 
 
@@ -92,49 +104,76 @@ def prepare_data(data: DictConfig, *, progress: bool) -> PreparedDataset:
     )
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Refuse impossible settings now rather than hours into a run (before any data work)."""
-    n = int(cfg.num_clients)
-    if n < 1 or int(cfg.num_rounds) < 1 or int(cfg.eval_every) < 1:
-        raise FedvisionError("num_clients, num_rounds and eval_every must all be >= 1")
-    s = cfg.strategy
-    for key in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
-        if int(s.get(key, 0)) > n:
-            raise FedvisionError(
-                f"strategy.{key}={s[key]} but only num_clients={n} clients exist; "
-                f"lower strategy.{key} or raise num_clients"
-            )
-    for key in ("fraction_train", "fraction_evaluate"):
-        if not 0.0 <= float(s.get(key, 0.0)) <= 1.0:
-            raise FedvisionError(f"strategy.{key}={s[key]} must lie in [0, 1]")
-    if float(s.fraction_evaluate) > 0 and float(cfg.partition.get("val_fraction", 0)) <= 0:
+def build_runtime(cfg: DictConfig) -> Any:
+    """The runtime named by ``runtime._target_`` (simulation, prepare_only, ...), checked."""
+    try:
+        runtime = instantiate(cfg.runtime)
+    except Exception as exc:  # Hydra wraps import and argument errors alike
         raise FedvisionError(
-            "strategy.fraction_evaluate > 0 needs local validation data: set partition.val_fraction"
-        )
-    build_strategy(s)
+            f"cannot build runtime {cfg.runtime.get('_target_')!r}: {exc}".splitlines()[0]
+        ) from exc
+    runtime.check()
+    return runtime
+
+
+def check_config(cfg: DictConfig) -> Any:
+    """Refuse impossible settings now rather than hours into a run; return the runtime.
+
+    Runs before the dataset is generated or decoded and before any runtime starts.
+    """
+    for key in ("num_clients", "num_rounds", "eval_every", "eval_batch_size"):
+        if int(cfg[key]) < 1:
+            raise FedvisionError(f"{key}={cfg[key]} must be >= 1")
+    if not 0.0 <= float(cfg.server_val_fraction) < 1.0:
+        raise FedvisionError(f"server_val_fraction={cfg.server_val_fraction} must lie in [0, 1)")
+    if int(cfg.data.size) < 8:
+        raise FedvisionError(f"data.size={cfg.data.size} must be >= 8 pixels")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    partition_spec(cfg)  # validates scheme, alpha, min_size, val_fraction, ...
+    check_strategy(plain)
     if str(cfg.model.name) not in list_architectures():
         build_model(str(cfg.model.name), 2)  # raises the error with close names
-    # The round-1 config through the same path the clients use: TrainConfig validates itself.
-    record = {**train_config(OmegaConf.to_container(cfg, resolve=True), 1, 2), "server-round": 1}
-    to_train_config(record, 0)
-    round_lr(cfg.client, int(cfg.num_rounds), int(cfg.num_rounds))
-    backend_config(cfg.runtime)
+    if cfg.model.finetune not in ("full", "head", "last_k"):
+        raise FedvisionError(f"model.finetune={cfg.model.finetune!r}: use full, head or last_k")
+    horizon = lr_horizon(plain)
+    if horizon < 1:
+        raise FedvisionError(f"client.lr_horizon={horizon} must be >= 1")
+    check_every_round(plain)  # every round's config, as the clients will read it
+    return build_runtime(cfg)
 
 
-def write_partition(
-    prepared: PreparedDataset, partition_cfg: DictConfig, out_dir: Path
-) -> tuple[Partition, str]:
-    """Partition the training labels; write the partition file, its table and its heatmap."""
+def partition_spec(cfg: DictConfig) -> PartitionSpec:
+    """The partition spec: the ``partition`` group plus the one ``num_clients`` of the run."""
+    if "num_clients" in cfg.partition:
+        raise FedvisionError("set num_clients at the top level, not partition.num_clients")
+    spec = dict(OmegaConf.to_container(cfg.partition, resolve=True))
+    return PartitionSpec.from_mapping({**spec, "num_clients": int(cfg.num_clients)})
+
+
+def write_partition(prepared: PreparedDataset, cfg: DictConfig, out_dir: Path) -> Partition:
+    """Hold out the server's validation part, partition the rest, write files and plots.
+
+    Writes ``server_val.npy`` (when ``server_val_fraction > 0``), ``partition.npz`` (indices into
+    the training cache), its table and its heatmap.
+    """
     labels = prepared.train.labels
-    spec = PartitionSpec.from_mapping(OmegaConf.to_container(partition_cfg, resolve=True))
-    partition = make_partition(labels, spec, num_classes=len(prepared.classes))
+    spec = partition_spec(cfg)
+    held, rest = holdout_split(labels, float(cfg.server_val_fraction), spec.seed)
+    local = make_partition(labels[rest], spec, num_classes=len(prepared.classes))
+    partition = dataclasses.replace(
+        local, train=[rest[i] for i in local.train], val=[rest[i] for i in local.val]
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if held.size:
+        np.save(out_dir / C.SERVER_VAL, held)
     save_partition(partition, out_dir / C.PARTITION_FILE)
     table = format_partition_table(
         partition_stats(partition, labels), summary_stats(partition, labels)
     )
     (out_dir / C.PARTITION_STATS).write_text(
-        f"partition fingerprint: {partition.fingerprint}\n\n{table}\n"
+        f"partition fingerprint: {partition.fingerprint}\n"
+        f"server validation part: {held.size} images (server_val_fraction="
+        f"{float(cfg.server_val_fraction):g})\n\n{table}\n"
     )
     plot_partition_heatmap(
         client_class_counts(partition, labels),
@@ -142,18 +181,27 @@ def write_partition(
         class_names=list(prepared.train.class_names),
         title=f"{spec.scheme} partition, {spec.num_clients} clients",
     )
-    return partition, table
+    return partition
 
 
-def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path]:
-    run_dir = Path(str(cfg.resume)).expanduser()
-    saved = run_dir / C.RUN_CONFIG
-    if not (run_dir / C.CKPT_LATEST).exists() or not saved.exists():
+def check_resume_dir(path: str) -> Path:
+    """The directory a ``resume=`` names, if it holds a run that can continue (checked first)."""
+    run_dir = Path(path).expanduser()
+    missing = [n for n in (C.RUN_CONFIG, C.CKPT_LATEST, C.RUN_PLAN) if not (run_dir / n).is_file()]
+    if missing:
         raise FedvisionError(
-            f"resume={run_dir}: no {C.CKPT_LATEST} and {C.RUN_CONFIG} there; "
-            "point resume at the directory of a run that finished at least one round"
+            f"resume={path}: no {', '.join(missing)} there; point resume at the directory of a "
+            "run that finished at least one round"
         )
-    base = OmegaConf.load(saved)
+    return run_dir
+
+
+def resumed_config(
+    run_dir: Path, cfg: DictConfig, overrides: list[str]
+) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
+    """The saved run's config with the few keys a resume may change, and those changes."""
+    base = OmegaConf.create(load_run_config(run_dir))
+    changes: dict[str, tuple[Any, Any]] = {}
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if key.startswith("hydra.") or key == "resume":
@@ -161,91 +209,105 @@ def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, 
         if key not in RESUMABLE_KEYS:
             raise FedvisionError(
                 f"a resumed run keeps its saved config; {key} cannot change "
-                f"(allowed: {', '.join(k for k in RESUMABLE_KEYS if k != 'resume')})"
+                f"(allowed: {', '.join(RESUMABLE_KEYS)})"
             )
-        base[key] = cfg[key]
+        if base[key] != cfg[key]:
+            changes[key] = (base[key], cfg[key])
+            base[key] = cfg[key]
     base.resume = str(run_dir)
-    return base, run_dir
+    return base, changes
 
 
-def _load_resume_state(run_dir: Path, num_classes: int) -> tuple[dict, int, list[dict]]:
-    ckpt = torch.load(run_dir / C.CKPT_LATEST, map_location="cpu", weights_only=True)
-    if int(ckpt.get("num_classes", -1)) != num_classes:
-        raise FedvisionError(
-            f"{run_dir / C.CKPT_LATEST} is for {ckpt.get('num_classes')} classes, the data has "
-            f"{num_classes}"
-        )
-    start = int(ckpt["round"])
-    history = [r for r in read_metrics(run_dir) if int(r["round"]) <= start]
-    return ckpt["model"], start, history
+def initial_weights(cfg: DictConfig, num_classes: int) -> dict[str, torch.Tensor]:
+    """The round-0 global model: the configured architecture and weights, seeded."""
+    torch.manual_seed(int(cfg.seed))  # initialisation is part of the seeded run
+    model = build_model(
+        str(cfg.model.name),
+        num_classes,
+        weights=str(cfg.model.weights),
+        finetune=str(cfg.model.finetune),
+        last_k=int(cfg.model.last_k),
+        allow_head_mismatch=bool(cfg.model.get("allow_head_mismatch", False)),
+    )
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def run_experiment(cfg: DictConfig, run_dir: Path, *, resuming: bool = False) -> dict[str, Any]:
-    """Run one federated experiment into ``run_dir``; return its summary."""
-    t0 = time.perf_counter()
+def run_experiment(
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    resume_changes: dict[str, tuple[Any, Any]] | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Prepare ``run_dir`` (unless resuming), run it on the configured runtime; return its summary.
+
+    ``resume_changes`` marks a resumed run: its files stay as they are, the changed keys are
+    appended to ``resumes.jsonl``, and the server continues from ``checkpoint_latest.pt``.
+    """
+    timings = {"start": time.time(), **(timings or {})}
+    resuming = resume_changes is not None
+    runtime = check_config(cfg)
+    timings["config_checked"] = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_config(cfg)
-    # The resolved config and versions go into the run directory before any work starts.
-    (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    write_json_atomic(run_dir / C.RUN_VERSIONS, package_versions())
-    prepared = prepare_data(cfg.data, progress=bool(cfg.progress))
-    num_classes = len(prepared.classes)
-
-    labels = prepared.train.labels
-    partition, _ = write_partition(prepared, cfg.partition, run_dir)
-    partition_file = run_dir / C.PARTITION_FILE
-    spec = partition.spec
-
     if resuming:
-        state, start_round, history = _load_resume_state(run_dir, num_classes)
+        plan = read_plan(run_dir)
+        done = load_checkpoint(
+            run_dir / C.CKPT_LATEST, arch=str(cfg.model.name), num_classes=plan.num_classes
+        ).round
+        append_resume(run_dir, done, resume_changes)
     else:
-        torch.manual_seed(int(cfg.seed))  # initialisation is part of the seeded run
-        model = build_model(
-            str(cfg.model.name),
-            num_classes,
-            weights=str(cfg.model.weights),
-            finetune=str(cfg.model.finetune),
-            last_k=int(cfg.model.last_k),
-            allow_head_mismatch=bool(cfg.model.get("allow_head_mismatch", False)),
+        # The resolved config (schedule horizon fixed now) and versions go in before any work.
+        if cfg.client.lr_horizon is None:
+            cfg.client.lr_horizon = int(cfg.num_rounds)
+        (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_json_atomic(run_dir / C.RUN_VERSIONS, package_versions())
+        prepared = prepare_data(cfg.data, progress=bool(cfg.progress))
+        partition = write_partition(prepared, cfg, run_dir)
+        num_classes = len(prepared.classes)
+        torch.save(initial_weights(cfg, num_classes), run_dir / C.RUN_INITIAL)
+        plan = RunPlan(
+            num_classes=num_classes,
+            train_cache=str(Path(prepared.train.path).resolve()),
+            test_cache=str(Path(prepared.val.path).resolve()),
+            partition_file=str((run_dir / C.PARTITION_FILE).resolve()),
+            server_val_file=(
+                str((run_dir / C.SERVER_VAL).resolve())
+                if (run_dir / C.SERVER_VAL).exists()
+                else None
+            ),
+            client_device=runtime.client_device(),
         )
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        start_round, history = 0, []
-
-    print(
-        f"fedvision: {num_classes} classes, {len(labels)} train / {len(prepared.val.labels)} "
-        f"test images, {spec.num_clients} clients ({spec.scheme}), "
-        f"partition {partition.fingerprint[:16]}\nfedvision: run directory {run_dir}",
-        file=sys.stderr,
-    )
-    plan = ServerPlan(
-        cfg=OmegaConf.to_container(cfg, resolve=True),
-        run_dir=run_dir,
-        num_classes=num_classes,
-        test_cache=prepared.val.path,
-        initial_state=state,
-        start_round=start_round,
-        history=history,
-    )
-    outcome = RunOutcome()
-    client_app = make_client_app(
-        {C.NODE_CACHE_DIR: str(prepared.train.path), C.NODE_PARTITION_FILE: str(partition_file)}
-    )
+        write_plan(run_dir, plan)
+        print(
+            f"fedvision: {num_classes} classes, {len(prepared.train.labels)} train / "
+            f"{len(prepared.val.labels)} test images, {cfg.num_clients} clients "
+            f"({partition.spec.scheme}), partition {partition.fingerprint[:16]}\n"
+            f"fedvision: run directory {run_dir}",
+            file=sys.stderr,
+        )
+    timings["data_ready"] = time.time()
+    (run_dir / C.RUN_STATUS).unlink(missing_ok=True)
     try:
-        run_in_simulation(
-            make_server_app(plan, outcome),
-            client_app,
-            int(cfg.num_clients),
-            cfg.runtime,
-            verbose=bool(cfg.verbose),
-        )
+        runtime.launch(run_dir, int(cfg.num_clients), verbose=bool(cfg.verbose))
     except Exception:
-        if outcome.error is None:
+        # The ServerApp says why it stopped in status.json; Flower wraps the exception.
+        if (status := read_status(run_dir)) is None or status["status"] != "failed":
             raise
-    if outcome.error is not None:
-        raise outcome.error
-    if outcome.summary is None:
-        raise FedvisionError("the simulation ended without a result; rerun with verbose=true")
-    summary = {**outcome.summary, "wall_s": round(time.perf_counter() - t0, 2)}
+    status = read_status(run_dir)
+    if status is None:
+        if getattr(runtime, "name", "") == "prepare_only":
+            return {"prepared": str(run_dir)}
+        raise FedvisionError(
+            f"the {runtime.name} runtime ended without a result in {run_dir}; rerun with "
+            "verbose=true"
+        )
+    if status["status"] == "failed":
+        if status.get("user_error"):
+            raise FedvisionError(status["error"])
+        raise RuntimeError(f"the server failed: {status['type']}: {status['error']}")
+    summary = json.loads((run_dir / C.RUN_SUMMARY).read_text())
+    summary["timings"] = {**timings, **summary.get("timings", {})}
+    summary["wall_s"] = round(time.time() - timings["start"], 2)
     write_json_atomic(run_dir / C.RUN_SUMMARY, summary)
     return summary
 
@@ -254,15 +316,31 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, resuming: bool = False) ->
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra task: one run (or one job of a ``-m`` sweep)."""
     hc = HydraConfig.get()
+    timings = {"start": _process_start(), "imported": time.time()}
     try:
         if cfg.resume is not None:
-            cfg, run_dir = _resumed_config(cfg, list(hc.overrides.task))
-            summary = run_experiment(cfg, run_dir, resuming=True)
+            run_dir = check_resume_dir(str(cfg.resume))
+            cfg, changes = resumed_config(run_dir, cfg, list(hc.overrides.task))
+            summary = run_experiment(cfg, run_dir, resume_changes=changes, timings=timings)
         else:
-            summary = run_experiment(cfg, Path(hc.runtime.output_dir))
+            summary = run_experiment(cfg, Path(hc.runtime.output_dir), timings=timings)
     except FedvisionError as exc:
         # A user mistake: one line, no traceback (Hydra would print one for any exception).
         print(f"fedvision: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(json.dumps(summary))
-    return summary.get("final_accuracy")
+    print(json.dumps({k: v for k, v in summary.items() if k != "timings"}))
+    return summary.get("val_accuracy_best")
+
+
+def _process_start() -> float:
+    """Wall-clock time this process started (Linux; else now), for the start-up breakdown."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fedvision import constants as C
@@ -79,7 +80,13 @@ def test_prepare_then_partition_with_run_overrides(tree, tmp_path, capsys):
 
     part = load_partition(out / C.PARTITION_FILE)
     assert part.spec.alpha == 0.3 and part.num_clients == 3
-    assert sum(len(t) + len(v) for t, v in zip(part.train, part.val, strict=True)) == 4 * 12
+    # One image per class (10 % of 12, rounded) is the server's validation part; the clients
+    # share the rest, and together they hold every training image exactly once.
+    held = np.load(out / C.SERVER_VAL)
+    assert len(held) == 4
+    clients = np.concatenate([*part.train, *part.val])
+    assert sorted(np.concatenate([held, clients]).tolist()) == list(range(4 * 12))
+    assert "server validation part: 4 images" in text
 
 
 @pytest.mark.parametrize("cmd", [["data", "generate"], ["data", "check"], ["data", "prepare"]])

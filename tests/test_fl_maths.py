@@ -12,7 +12,8 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
 from fedvision.fl.round_config import round_lr, to_train_config, train_config
-from fedvision.fl.server import _federated_evaluate, _NodesView, build_strategy, sample_clients
+from fedvision.fl.server import _federated_evaluate, build_strategy
+from strategies.sampling import SeededSampling, draw_partitions
 
 
 @pytest.fixture(autouse=True)
@@ -97,37 +98,110 @@ def test_cosine_and_step_schedules_match_hand_computed_values():
     assert math.isclose(round_lr({"lr": 0.3, "lr_schedule": "cosine"}, 1, 1), 0.3)
 
 
-def test_client_sampling_is_reproducible_and_honours_the_minimum():
+def test_cosine_stays_at_its_floor_past_the_horizon():
+    # A run extended beyond its schedule's horizon keeps the last lr instead of rising again.
+    client = {"lr": 0.1, "lr_schedule": "cosine", "lr_min_factor": 0.1}
+    assert round_lr(client, 7, 5) == pytest.approx(0.01)
+    cfg = {"num_rounds": 8, "client": {**client, "lr_horizon": 4}}
+    from fedvision.fl.round_config import lr_horizon
+
+    assert lr_horizon(cfg) == 4 and lr_horizon({"num_rounds": 8, "client": client}) == 8
+
+
+def test_partition_draws_are_reproducible_and_seeded_by_round():
     ids = range(10)
-    a = sample_clients(ids, 0.3, 2, seed=0, server_round=4)
-    assert a == sample_clients(reversed(ids), 0.3, 2, seed=0, server_round=4)
+    a = draw_partitions(ids, 3, seed=0, server_round=4)
+    assert a == draw_partitions(reversed(ids), 3, seed=0, server_round=4)
     assert len(a) == 3 and len(set(a)) == 3
-    assert len(sample_clients(ids, 0.05, 4, seed=0, server_round=1)) == 4  # minimum wins
-    assert sample_clients(ids, 1.0, 2, 0, 1) == list(range(10))
-    rounds = {tuple(sample_clients(ids, 0.3, 1, 0, r)) for r in range(1, 20)}
+    assert draw_partitions(ids, 10, 0, 1) == list(range(10))
+    rounds = {tuple(draw_partitions(ids, 3, 0, r)) for r in range(1, 20)}
     assert len(rounds) > 5  # rounds draw different clients
 
 
-def test_nodes_view_hides_unsampled_nodes_from_the_strategy():
-    class Grid:
-        def get_node_ids(self):
-            return [1, 2, 3, 4]
+class _Grid:
+    """Nodes with random-looking ids; partition p lives on node 900 - 7 * p."""
 
-    view = _NodesView(Grid(), [2, 4])
-    msgs = FedAvg(min_train_nodes=1, min_available_nodes=1).configure_train(
-        1, ArrayRecord(), ConfigRecord(), view
+    def __init__(self, n: int) -> None:
+        self.nodes = [900 - 7 * p for p in range(n)]
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def _sampler(strategy, n=10, seed=0, **kw):
+    grid = _Grid(n)
+    sampler = SeededSampling(strategy, seed=seed, **kw)
+    sampler.set_partitions({900 - 7 * p: p for p in range(n)})
+    return sampler, grid
+
+
+def test_seeded_sampling_lets_the_strategy_decide_how_many_and_decides_which():
+    sampler, grid = _sampler(FedAvg(fraction_train=0.3, min_train_nodes=1, min_available_nodes=1))
+    msgs = list(sampler.configure_train(4, ArrayRecord(), ConfigRecord({"lr": 0.1}), grid))
+    pids = sorted((900 - m.metadata.dst_node_id) // 7 for m in msgs)
+    assert pids == draw_partitions(range(10), 3, seed=0, server_round=4)  # int(0.3 * 10) = 3
+    assert all(m.content["config"]["lr"] == 0.1 for m in msgs)
+    # Node ids listed in another order: the same partitions are chosen.
+    grid.nodes.reverse()
+    again = list(sampler.configure_train(4, ArrayRecord(), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in again) == sorted(
+        m.metadata.dst_node_id for m in msgs
     )
-    assert sorted(m.metadata.dst_node_id for m in msgs) == [2, 4]
+    # min_train_nodes wins over a small fraction, as in Flower.
+    sampler2, grid2 = _sampler(FedAvg(fraction_train=0.05, min_train_nodes=4))
+    assert len(list(sampler2.configure_train(1, ArrayRecord(), ConfigRecord(), grid2))) == 4
+
+
+def test_seeded_sampling_composes_with_flowers_dp_wrapper():
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(fraction_train=0.5, min_available_nodes=1),
+        noise_multiplier=1.0,
+        clipping_norm=2.5,
+        num_sampled_clients=5,
+    )
+    sampler, grid = _sampler(dp, seed=7)
+    msgs = list(sampler.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
+    pids = sorted((900 - m.metadata.dst_node_id) // 7 for m in msgs)
+    assert pids == draw_partitions(range(10), 5, seed=7, server_round=2)
+    # The DP wrapper's own part of the message survives: clients are told to clip at 2.5.
+    assert all(m.content["config"]["clipping_norm"] == 2.5 for m in msgs)
+
+
+def test_evaluation_draws_apart_from_training():
+    sampler, grid = _sampler(FedAvg(fraction_train=0.3, fraction_evaluate=0.3))
+    train = {
+        m.metadata.dst_node_id
+        for m in sampler.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    }
+    evals = [
+        {
+            m.metadata.dst_node_id
+            for m in sampler.configure_evaluate(r, ArrayRecord(), ConfigRecord(), grid)
+        }
+        for r in range(1, 6)
+    ]
+    assert any(e != train for e in evals)
 
 
 def test_strategy_errors_are_one_line():
+    cfg = {"seed": 0, "runtime": {}}
     with pytest.raises(FedvisionError, match="cannot build strategy"):
-        build_strategy({"_target_": "flwr.serverapp.strategy.NoSuchStrategy"})
+        build_strategy({**cfg, "strategy": {"_target_": "flwr.serverapp.strategy.NoSuchStrategy"}})
     strategy = build_strategy(
-        {"_target_": "flwr.serverapp.strategy.FedProx", "proximal_mu": 0.5, "fraction_train": 0.2}
+        {
+            **cfg,
+            "strategy": {
+                "_target_": "flwr.serverapp.strategy.FedProx",
+                "proximal_mu": 0.5,
+                "fraction_train": 0.2,
+            },
+        }
     )
-    assert isinstance(strategy, FedProx) and strategy.proximal_mu == 0.5
-    assert strategy.fraction_train == 1.0  # sampling is fedvision's, not the strategy's
+    # One owner of the sampling settings: the Flower strategy, inside the seeded sampler.
+    assert isinstance(strategy.strategy, FedProx) and strategy.strategy.proximal_mu == 0.5
+    assert strategy.strategy.fraction_train == 0.2
 
 
 def _eval_reply(n: int, acc: float) -> Message:
@@ -146,10 +220,8 @@ def test_federated_evaluation_weights_clients_and_skips_empty_ones(sizes, want):
         def send_and_receive(self, messages, timeout):
             return [_eval_reply(n, a) for n, a in zip(sizes, accuracies, strict=True)]
 
-    cfg = {"seed": 0, "strategy": {"fraction_evaluate": 1.0, "min_evaluate_nodes": 1}}
-    strategy = FedAvg(min_evaluate_nodes=1, min_available_nodes=1)
-    out = _federated_evaluate(
-        Grid(), strategy, ArrayRecord(), ConfigRecord(), cfg, 1, {0: 11, 1: 12}, 5
-    )
+    strategy = SeededSampling(FedAvg(min_evaluate_nodes=1, min_available_nodes=1), seed=0)
+    strategy.set_partitions({11: 0, 12: 1})
+    out = _federated_evaluate(Grid(), strategy, ArrayRecord(), ConfigRecord(), 1, 5)
     # Two clients with no validation data used to divide by a zero total weight.
-    assert out["val_accuracy"] == (None if want is None else pytest.approx(want))
+    assert out["client_val_accuracy"] == (None if want is None else pytest.approx(want))

@@ -310,3 +310,18 @@ def test_heatmap_png_written(tmp_path, shape: tuple[int, int]) -> None:
     data = out.read_bytes()
     assert out == tmp_path / "plots" / "heat.png"
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_server_holdout_is_stratified_disjoint_and_seeded():
+    from fedvision.data.partition import holdout_split
+
+    labels = np.repeat(np.arange(3), [10, 20, 5])
+    held, rest = holdout_split(labels, 0.2, seed=1)
+    # Per class round(0.2 * n): 2, 4 and 1 (0.2 * 5 = 1.0).
+    assert np.bincount(labels[held], minlength=3).tolist() == [2, 4, 1]
+    assert sorted(np.concatenate([held, rest]).tolist()) == list(range(35))
+    assert np.array_equal(held, holdout_split(labels, 0.2, seed=1)[0])
+    assert not np.array_equal(held, holdout_split(labels, 0.2, seed=2)[0])
+    assert holdout_split(labels, 0.0, seed=1)[0].size == 0
+    with pytest.raises(FedvisionError, match="server_val_fraction"):
+        holdout_split(labels, 1.0, seed=1)

@@ -476,6 +476,36 @@ def make_partition(
     )
 
 
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a stratified share of samples (the server's validation part) from the rest.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        1-D non-negative integer class labels.
+    fraction : float
+        Share of each class held out (rounded to nearest), in ``[0, 1)``.
+    seed : int
+        Seed of the draw (a stream apart from the partition's own).
+
+    Returns
+    -------
+    held, rest : np.ndarray
+        Sorted int64 indices; together they cover every sample once.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise FedvisionError(f"server_val_fraction={fraction} must lie in [0, 1)")
+    labels = _as_labels(labels)
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[2])
+    perm = rng.permutation(labels.size)
+    order = perm[np.argsort(labels[perm], kind="stable")]  # grouped by class, shuffled within
+    counts = np.bincount(labels)
+    held_per_class = np.floor(counts * fraction + 0.5).astype(np.int64)
+    rank = np.arange(labels.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    is_held = rank < np.repeat(held_per_class, counts)
+    return np.sort(order[is_held]), np.sort(order[~is_held])
+
+
 def _flatten(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([p.size for p in parts])

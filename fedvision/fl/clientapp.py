@@ -1,5 +1,11 @@
 """Flower ClientApp: receives global weights and a round config, calls the engine, replies.
 
+``app`` is a module-level object that any runtime loads by name (``fedvision.fl.clientapp:app``).
+A client learns where its data lives and which device to use from its node config
+(``cache-dir``, ``partition-file``, ``device``: how a real SuperNode is started); whatever the
+node config leaves out comes from the run directory that the Flower run config names
+(``run-dir``), which is how every simulated client finds the shared cache and partition.
+
 No training loop lives here (that is ``fedvision.engine``). What a client needs across rounds (the
 decoded cache view, its partition, a built model) is kept by ``functools.lru_cache`` in the worker
 process, so a round moves only weights and config.
@@ -14,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvision import constants as C
@@ -22,8 +28,10 @@ from fedvision.data.cache import DecodedCache
 from fedvision.data.partition import Partition, load_partition
 from fedvision.engine import evaluate, resolve_device, train_local
 from fedvision.errors import FedvisionError
+from fedvision.fl.arrays import float32_arrays
 from fedvision.fl.round_config import to_train_config
 from fedvision.models import build_model
+from fedvision.rundir import RunPlan, read_plan, run_dir_from
 
 
 @functools.lru_cache(maxsize=2)
@@ -44,14 +52,28 @@ def _model(name: str, num_classes: int, finetune: str, last_k: int, device: str)
     return build_model(name, num_classes, finetune=finetune, last_k=last_k).to(device)
 
 
-def _node(context: Context, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    node = {**defaults, **dict(context.node_config)}
+@functools.lru_cache(maxsize=2)
+def _plan(run_dir: str) -> RunPlan:
+    return read_plan(Path(run_dir))
+
+
+def node_settings(context: Context) -> dict[str, Any]:
+    """This client's settings: its node config, completed from the run directory's plan."""
+    node = dict(context.node_config)
+    needed = (C.NODE_CACHE_DIR, C.NODE_PARTITION_FILE, C.NODE_DEVICE)
+    # Only a node that lacks something reads the plan: a real client's own data lives on its
+    # machine, where the server's run directory does not exist.
+    if any(k not in node for k in needed) and C.RUN_DIR_KEY in context.run_config:
+        plan = _plan(str(run_dir_from(context.run_config)))
+        node.setdefault(C.NODE_CACHE_DIR, plan.train_cache)
+        node.setdefault(C.NODE_PARTITION_FILE, plan.partition_file)
+        node.setdefault(C.NODE_DEVICE, plan.client_device)
     for key in (C.KEY_PARTITION_ID, C.NODE_CACHE_DIR, C.NODE_PARTITION_FILE):
         if key not in node:
             raise FedvisionError(
-                f"node config lacks {key!r}; start the SuperNode with "
-                f'--node-config "{C.KEY_PARTITION_ID}=0 {C.NODE_CACHE_DIR}=... '
-                f'{C.NODE_PARTITION_FILE}=..."'
+                f"this client lacks {key!r}: start its SuperNode with --node-config "
+                f'"{C.KEY_PARTITION_ID}=0 {C.NODE_CACHE_DIR}=... {C.NODE_PARTITION_FILE}=..." '
+                f"or run it with a run directory ({C.RUN_DIR_KEY} in the run config)"
             )
     return node
 
@@ -81,8 +103,8 @@ def _load_global(msg: Message, node: Mapping[str, Any]) -> torch.nn.Module:
     return model
 
 
-def _train(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Message:
-    node = _node(context, defaults)
+def _train(msg: Message, context: Context) -> Message:
+    node = node_settings(context)
     cache, train_idx, _ = _indices(node)
     model = _load_global(msg, node)
     cfg = to_train_config(msg.content[C.KEY_CONFIG], int(node[C.KEY_PARTITION_ID]))
@@ -96,12 +118,12 @@ def _train(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Messa
             C.KEY_TRAIN_SECONDS: float(result.seconds),
         }
     )
-    content = RecordDict({C.KEY_ARRAYS: ArrayRecord(model.state_dict()), C.KEY_METRICS: metrics})
+    content = RecordDict({C.KEY_ARRAYS: float32_arrays(model.state_dict()), C.KEY_METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
 
-def _evaluate(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Message:
-    node = _node(context, defaults)
+def _evaluate(msg: Message, context: Context) -> Message:
+    node = node_settings(context)
     cache, _, val_idx = _indices(node)
     model = _load_global(msg, node)
     device = next(model.parameters()).device
@@ -117,11 +139,11 @@ def _evaluate(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Me
     return Message(content=RecordDict({C.KEY_METRICS: metrics}), reply_to=msg)
 
 
-def _query(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Message:
+def _query(msg: Message, context: Context) -> Message:
     # Answered once at start: tells the server which partition this node holds (node ids are
     # random, partition ids are not, so the server samples by partition id reproducibly) and
     # proves the node's data opens before any round starts.
-    node = _node(context, defaults)
+    node = node_settings(context)
     _, train_idx, val_idx = _indices(node)
     metrics = MetricRecord(
         {
@@ -133,32 +155,22 @@ def _query(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Messa
     return Message(content=RecordDict({C.KEY_METRICS: metrics}), reply_to=msg)
 
 
-def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """Build the ClientApp.
-
-    Parameters
-    ----------
-    defaults : node-config values used where the node's own config is silent (the simulation
-        passes the cache and partition paths this way; a real SuperNode gets them through
-        ``--node-config``).
-    """
-    fixed = dict(defaults or {})
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return _train(msg, context, fixed)
-
-    @app.evaluate()
-    def evaluate_(msg: Message, context: Context) -> Message:
-        return _evaluate(msg, context, fixed)
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return _query(msg, context, fixed)
-
-    return app
+app = ClientApp()
 
 
-# For `flwr run` / SuperNodes: every path comes from the node config.
-app = make_client_app()
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on this client's partition; reply with weights and metrics."""
+    return _train(msg, context)
+
+
+@app.evaluate()
+def evaluate_(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this client's local validation part."""
+    return _evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which partition this node holds, and prove its data opens."""
+    return _query(msg, context)

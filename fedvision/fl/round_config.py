@@ -17,11 +17,21 @@ from fedvision.errors import FedvisionError
 LR_SCHEDULES = ("constant", "cosine", "step")
 
 
-def round_lr(client: Mapping[str, Any], server_round: int, num_rounds: int) -> float:
-    """Learning rate for a round under the configured schedule over rounds.
+def lr_horizon(cfg: Mapping[str, Any]) -> int:
+    """Rounds the learning-rate schedule spans: ``client.lr_horizon``, else ``num_rounds``.
 
-    ``cosine`` decays from ``lr`` (round 1) to ``lr * lr_min_factor`` (last round); ``step``
-    multiplies by ``lr_gamma`` every ``lr_step_rounds`` rounds.
+    ``fedvision run`` fixes it when a run starts, so extending a run with ``resume=...
+    num_rounds=N`` keeps the schedule the first rounds ran with.
+    """
+    horizon = cfg["client"].get("lr_horizon")
+    return int(cfg["num_rounds"] if horizon is None else horizon)
+
+
+def round_lr(client: Mapping[str, Any], server_round: int, num_rounds: int) -> float:
+    """Learning rate for a round under the configured schedule over ``num_rounds`` rounds.
+
+    ``cosine`` decays from ``lr`` (round 1) to ``lr * lr_min_factor`` (round ``num_rounds``) and
+    stays there after it; ``step`` multiplies by ``lr_gamma`` every ``lr_step_rounds`` rounds.
     """
     lr = float(client["lr"])
     schedule = client.get("lr_schedule", "constant")
@@ -29,7 +39,7 @@ def round_lr(client: Mapping[str, Any], server_round: int, num_rounds: int) -> f
         return lr
     if schedule == "cosine":
         low = lr * float(client.get("lr_min_factor", 0.0))
-        progress = 0.0 if num_rounds <= 1 else (server_round - 1) / (num_rounds - 1)
+        progress = 0.0 if num_rounds <= 1 else min(1.0, (server_round - 1) / (num_rounds - 1))
         return low + 0.5 * (lr - low) * (1.0 + math.cos(math.pi * progress))
     if schedule == "step":
         steps = (server_round - 1) // max(1, int(client.get("lr_step_rounds", 10)))
@@ -54,7 +64,7 @@ def train_config(
         "local-steps": -1 if steps is None else int(steps),
         "batch-size": int(client["batch_size"]),
         "optimizer": str(client["optimizer"]),
-        "lr": float(round_lr(client, server_round, int(cfg["num_rounds"]))),
+        "lr": float(round_lr(client, server_round, lr_horizon(cfg))),
         "momentum": float(client.get("momentum", 0.0)),
         "weight-decay": float(client.get("weight_decay", 0.0)),
         "augment": str(client.get("augment", "none")),
@@ -83,3 +93,25 @@ def to_train_config(record: Mapping[str, Any], partition_id: int) -> TrainConfig
         augment=str(record["augment"]),
         seed=client_seed(int(record["seed"]), int(record[C.KEY_SERVER_ROUND]), partition_id),
     )
+
+
+def check_every_round(cfg: Mapping[str, Any]) -> None:
+    """Build and validate the train config of every round now, not when that round comes.
+
+    A schedule can reach an impossible value late (cosine to ``lr_min_factor=0`` gives lr 0 in
+    the last round; ``step`` with ``lr_gamma=0`` in a later one); a run must not spend its compute
+    and then die there.
+    """
+    for rnd in range(1, int(cfg["num_rounds"]) + 1):
+        record = {**train_config(cfg, rnd, 2), C.KEY_SERVER_ROUND: rnd}
+        # FedProx adds its mu to the round config itself; check it on the clients' path too.
+        record[C.KEY_PROXIMAL_MU] = float(cfg["strategy"].get("proximal_mu", 0.0))
+        try:
+            to_train_config(record, 0)
+        except FedvisionError as exc:
+            raise FedvisionError(
+                f"round {rnd} of {cfg['num_rounds']}: {exc} (from client.lr={cfg['client']['lr']}, "
+                f"lr_schedule={cfg['client'].get('lr_schedule')}, "
+                f"lr_min_factor={cfg['client'].get('lr_min_factor')}, "
+                f"lr_gamma={cfg['client'].get('lr_gamma')})"
+            ) from None

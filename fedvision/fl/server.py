@@ -1,23 +1,26 @@
-"""The server side of a run: sample clients, let the Flower strategy aggregate, evaluate, record.
+"""The server side of a run: discover clients, let the strategy sample and aggregate, evaluate.
 
-This is the round loop of ``flwr.serverapp.strategy.Strategy.start`` with what a research run needs
-on top: a start round (resume), reproducible client sampling, checkpoints, metrics per round and a
-progress line. No training happens here; the global model is only evaluated.
+This is the round loop of ``flwr.serverapp.strategy.Strategy.start`` with what a research run
+needs on top: a start round (resume), checkpoints with the strategy's state, model selection on
+validation data, metrics per round and a progress line. Sampling, configuring and aggregating
+are the strategy's (``strategies.sampling.SeededSampling`` around a Flower strategy); no
+training happens here, the global model is only evaluated.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -28,86 +31,77 @@ from fedvision import constants as C
 from fedvision.data.cache import DecodedCache
 from fedvision.engine import evaluate, resolve_device
 from fedvision.errors import FedvisionError
-from fedvision.fl.round_config import train_config
-from fedvision.models import build_model
-from fedvision.report.metrics import RunRecorder
-
-# Keys of the strategy config that fedvision's sampler owns (not passed on to Flower).
-SAMPLING_KEYS = (
-    "fraction_train",
-    "min_train_nodes",
-    "min_available_nodes",
-    "fraction_evaluate",
-    "min_evaluate_nodes",
+from fedvision.fl.arrays import float32_arrays
+from fedvision.fl.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    restore_strategy_state,
+    rng_state,
+    save_checkpoint,
+    strategy_state,
 )
+from fedvision.fl.round_config import lr_horizon, train_config
+from fedvision.models import build_model
+from fedvision.report.metrics import RunRecorder, read_metrics
+from fedvision.rundir import RunPlan, load_run_config, read_plan, write_status
+from strategies.sampling import SeededSampling, base_strategy, sample_size
 
 
-@dataclass
-class ServerPlan:
-    """Everything the ServerApp needs, prepared and validated before Flower starts."""
+def build_strategy(cfg: Mapping[str, Any]) -> SeededSampling:
+    """The Flower strategy of ``cfg.strategy`` (by ``_target_``), inside seeded sampling.
 
-    cfg: dict[str, Any]
-    run_dir: Path
-    num_classes: int
-    test_cache: Path
-    initial_state: dict[str, torch.Tensor]
-    start_round: int = 0
-    history: list[dict] = field(default_factory=list)
-
-
-def build_strategy(strategy_cfg: Mapping[str, Any]) -> Strategy:
-    """Instantiate the Flower strategy named by ``_target_`` with sampling left to fedvision.
-
-    fedvision hands the strategy only the nodes it sampled, so the strategy must take all of them.
+    Every key of the strategy config goes to the Flower strategy, which alone owns how many
+    clients a round uses; ``SeededSampling`` only decides which.
     """
-    kwargs = {k: v for k, v in strategy_cfg.items() if k not in SAMPLING_KEYS}
+    scfg = cfg["strategy"]
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    # Flower's strategies log warnings for settings fedvision uses on purpose (fraction_evaluate=0).
+    flwr_logger.setLevel(logging.ERROR)
     try:
-        strategy = instantiate(
-            kwargs,
-            fraction_train=1.0,
-            min_train_nodes=1,
-            min_available_nodes=1,
-            fraction_evaluate=1.0,
-            min_evaluate_nodes=1,
-        )
+        strategy = instantiate(dict(scfg))
     except Exception as exc:  # Hydra wraps import and argument errors alike
         raise FedvisionError(
-            f"cannot build strategy {strategy_cfg.get('_target_')!r}: {exc}".splitlines()[0]
+            f"cannot build strategy {scfg.get('_target_')!r}: {exc}".splitlines()[0]
         ) from exc
+    finally:
+        flwr_logger.setLevel(level)
     if not isinstance(strategy, Strategy):
-        raise FedvisionError(f"strategy._target_ {strategy_cfg.get('_target_')!r} is no Strategy")
-    return strategy
+        raise FedvisionError(f"strategy._target_ {scfg.get('_target_')!r} is no Strategy")
+    return SeededSampling(
+        strategy,
+        seed=int(cfg["seed"]),
+        wait_timeout_s=float(cfg["runtime"].get("connect_timeout_s", 120)),
+    )
 
 
-def sample_clients(
-    partition_ids: Iterable[int], fraction: float, minimum: int, seed: int, server_round: int
-) -> list[int]:
-    """Pick this round's clients: ``max(int(fraction * n), minimum)`` of them, reproducibly.
-
-    Flower's ``sample_nodes`` draws from random node ids with the global ``random`` module, so a
-    rerun or a resumed run would train other clients; drawing partition ids from a generator
-    seeded by (seed, round) makes round r's clients the same in every run.
-    """
-    ids = sorted(partition_ids)
-    count = min(len(ids), max(int(fraction * len(ids)), minimum))
-    if count <= 0:
-        return []
-    rng = np.random.default_rng([seed, server_round])
-    return sorted(int(i) for i in rng.choice(ids, size=count, replace=False))
-
-
-class _NodesView:
-    """A Grid that shows a strategy only the nodes sampled for this round."""
-
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid = grid
-        self._node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._node_ids)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
+def check_strategy(cfg: Mapping[str, Any]) -> None:
+    """Refuse sampling settings that cannot work with ``num_clients`` clients (before any work)."""
+    n = int(cfg["num_clients"])
+    base = base_strategy(build_strategy(cfg))
+    for key in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
+        if int(getattr(base, key, 0)) > n:
+            raise FedvisionError(
+                f"strategy.{key}={getattr(base, key)} but only num_clients={n} clients exist; "
+                f"lower strategy.{key} or raise num_clients"
+            )
+    for kind in ("train", "evaluate"):
+        fraction = float(getattr(base, f"fraction_{kind}", 0.0))
+        if not 0.0 <= fraction <= 1.0:
+            raise FedvisionError(f"strategy.fraction_{kind}={fraction} must lie in [0, 1]")
+        minimum = int(getattr(base, f"min_{kind}_nodes", 0))
+        if (fraction > 0 or kind == "train") and sample_size(n, fraction, minimum) == 0:
+            raise FedvisionError(
+                f"strategy.fraction_{kind}={fraction} with min_{kind}_nodes={minimum} samples 0 of "
+                f"{n} clients, so no round could {kind}; raise one of them"
+            )
+    if float(getattr(base, "fraction_evaluate", 0.0)) > 0 and (
+        float(cfg["partition"].get("val_fraction", 0)) <= 0
+    ):
+        raise FedvisionError(
+            "strategy.fraction_evaluate > 0 needs local validation data: set partition.val_fraction"
+        )
 
 
 def discover_clients(grid: Grid, expected: int, timeout_s: float) -> dict[int, int]:
@@ -119,13 +113,14 @@ def discover_clients(grid: Grid, expected: int, timeout_s: float) -> dict[int, i
                 f"only {len(node_ids)} of {expected} clients connected within {timeout_s:g} s "
                 "(runtime.connect_timeout_s)"
             )
-        time.sleep(0.2)
+        time.sleep(0.1)
     queries = [
         Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
         for n in node_ids
     ]
     mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout_s):
+    replies = list(grid.send_and_receive(queries, timeout=timeout_s))
+    for reply in replies:
         if reply.has_error():
             raise FedvisionError(
                 f"client on node {reply.metadata.src_node_id} failed to start: "
@@ -135,15 +130,38 @@ def discover_clients(grid: Grid, expected: int, timeout_s: float) -> dict[int, i
         mapping[int(metrics[C.KEY_PARTITION_ID])] = reply.metadata.src_node_id
     if sorted(mapping) != list(range(expected)):
         raise FedvisionError(
-            f"clients report partitions {sorted(mapping)}, expected 0..{expected - 1} once each"
+            f"clients report partitions {sorted(mapping)}, expected 0..{expected - 1} once each "
+            f"({len(replies)} of {len(node_ids)} answered within {timeout_s:g} s)"
         )
     return mapping
 
 
-def _save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": state, **meta}, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint behind
+class CentralEvaluator:
+    """Evaluates the global model on the server's validation part and on the test split."""
+
+    def __init__(self, cfg: Mapping[str, Any], plan: RunPlan) -> None:
+        self.device = resolve_device(str(cfg["device"]))
+        self.batch_size = int(cfg["eval_batch_size"])
+        self.model = build_model(str(cfg["model"]["name"]), plan.num_classes).to(self.device)
+        self.test = DecodedCache.open(plan.test_cache)
+        self.train = DecodedCache.open(plan.train_cache)
+        self.val_idx = None if plan.server_val_file is None else np.load(plan.server_val_file)
+
+    def _eval(self, cache: DecodedCache, idx: np.ndarray | None) -> tuple[float, float]:
+        res = evaluate(
+            self.model, cache.images, cache.labels, idx, batch_size=self.batch_size,
+            device=self.device,
+        )  # fmt: skip
+        return float(res.accuracy), float(res.loss)
+
+    def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Accuracy and loss on validation (when held) and test, as a metrics record."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        out: dict[str, float] = {}
+        if self.val_idx is not None:
+            out["val_accuracy"], out["val_loss"] = self._eval(self.train, self.val_idx)
+        out["test_accuracy"], out["test_loss"] = self._eval(self.test, None)
+        return out
 
 
 def _replies_in_partition_order(
@@ -160,50 +178,119 @@ def _first_error(replies: Iterable[Message]) -> str:
     return "no reply within the timeout"
 
 
-def run_federation(grid: Grid, strategy: Strategy, plan: ServerPlan) -> dict[str, Any]:
-    """Run rounds ``start_round+1 .. num_rounds``; return the run summary."""
-    cfg = plan.cfg
-    num_rounds, seed = int(cfg["num_rounds"]), int(cfg["seed"])
-    scfg = cfg["strategy"]
-    timeout = float(cfg["runtime"].get("round_timeout_s", 3600))
-    device = resolve_device(str(cfg["device"]))
-    test = DecodedCache.open(plan.test_cache)
-    model = build_model(str(cfg["model"]["name"]), plan.num_classes).to(device)
-    arrays = ArrayRecord(plan.initial_state)
-    recorder = RunRecorder(plan.run_dir, plan.history)
-    ckpt_meta = {"arch": str(cfg["model"]["name"]), "num_classes": plan.num_classes}
-    t_start = time.perf_counter()
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # The best checkpoint is the latest one of its round: a hard link costs no second write.
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
-    def central_eval() -> tuple[float, float]:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        res = evaluate(
-            model, test.images, test.labels, batch_size=int(cfg["eval_batch_size"]), device=device
-        )
-        return float(res.accuracy), float(res.loss)
+
+def selection_key(cfg: Mapping[str, Any], plan: RunPlan) -> str | None:
+    """Which validation metric picks the best round: the server's part, else the clients'."""
+    if plan.server_val_file is not None:
+        return "val_accuracy"
+    if float(cfg["strategy"].get("fraction_evaluate", 0.0)) > 0:
+        return "client_val_accuracy"
+    return None
+
+
+def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
+    """Run a prepared run directory's rounds on ``grid``; write its results there.
+
+    Writes ``status.json`` (finished, or failed with the one-line reason) whatever happens.
+    """
+    try:
+        summary = _serve(grid, run_dir)
+    except BaseException as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        write_status(
+            run_dir, "failed", reason, user_error=isinstance(exc, FedvisionError),
+            type=type(exc).__name__,
+        )  # fmt: skip
+        raise
+    write_status(run_dir, "finished")
+    return summary
+
+
+def _serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
+    timings = {"server_start": time.time()}
+    cfg = load_run_config(run_dir)
+    if not cfg.get("verbose", False):
+        # Flower's per-round INFO lines would break the progress line; its warnings still show.
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    plan = read_plan(run_dir)
+    num_rounds, num_classes = int(cfg["num_rounds"]), plan.num_classes
+    arch, horizon = str(cfg["model"]["name"]), lr_horizon(cfg)
+    timeout = float(cfg["runtime"].get("round_timeout_s", 3600))
+    strategy = build_strategy(cfg)
+    evaluator = CentralEvaluator(cfg, plan)
+    select_on = selection_key(cfg, plan)
+
+    latest = run_dir / C.CKPT_LATEST
+    if latest.exists():  # continue where the run stopped
+        ckpt = load_checkpoint(latest, arch=arch, num_classes=num_classes)
+        if ckpt.lr_horizon != horizon:
+            raise FedvisionError(
+                f"{latest} ran a learning-rate schedule over {ckpt.lr_horizon} rounds, the config "
+                f"says {horizon}; a resumed run keeps its schedule"
+            )
+        restore_strategy_state(strategy, ckpt.strategy)
+        restore_rng_state(ckpt.rng)
+        arrays, start = ckpt.arrays(), ckpt.round
+        history = [r for r in read_metrics(run_dir) if int(r["round"]) <= start]
+    else:
+        initial = torch.load(run_dir / C.RUN_INITIAL, map_location="cpu", weights_only=True)
+        arrays, start, history = float32_arrays(initial), 0, []
+    recorder = RunRecorder(run_dir, history, select_on=select_on)
 
     node_of = discover_clients(
         grid, int(cfg["num_clients"]), float(cfg["runtime"].get("connect_timeout_s", 120))
     )
     partition_of = {n: p for p, n in node_of.items()}
+    strategy.set_partitions(partition_of)
+    timings["clients_ready"] = time.time()
 
-    if plan.start_round == 0:
-        acc, loss = central_eval()
-        recorder.append({"round": 0, "accuracy": acc, "loss": loss, "train_loss": None})
+    def checkpoint(
+        rnd: int, arrays: ArrayRecord, best_round: int | None, best_value: float | None
+    ) -> Checkpoint:
+        return Checkpoint(
+            model=arrays.to_torch_state_dict(),
+            arch=arch,
+            num_classes=num_classes,
+            round=rnd,
+            lr_horizon=horizon,
+            strategy=strategy_state(strategy),
+            rng=rng_state(),
+            best_round=best_round,
+            best_value=best_value,
+        )
+
+    if start == 0:
+        recorder.append({"round": 0, **evaluator(arrays), "train_loss": None})
+        if recorder.best_with()[0] == 0:  # the starting model is a candidate too
+            save_checkpoint(run_dir / C.CKPT_BEST, checkpoint(0, arrays, *recorder.best_with()))
+    timings["round0_done"] = time.time()
 
     bar = tqdm(
         total=num_rounds,
-        initial=plan.start_round,
+        initial=start,
         desc="rounds",
         unit="round",
         disable=not cfg.get("progress", True),
         dynamic_ncols=True,
     )
-    for rnd in range(plan.start_round + 1, num_rounds + 1):
+    t_start = time.perf_counter()
+    for rnd in range(start + 1, num_rounds + 1):
         t0 = time.perf_counter()
-        pids = sample_clients(node_of, scfg["fraction_train"], scfg["min_train_nodes"], seed, rnd)
-        config = ConfigRecord(train_config(cfg, rnd, plan.num_classes))
-        view = _NodesView(grid, [node_of[p] for p in pids])
-        messages = list(strategy.configure_train(rnd, arrays, config, view))
+        if rnd == start + 1:
+            timings["first_round_start"] = time.time()
+        config = ConfigRecord(train_config(cfg, rnd, num_classes))
+        messages = list(strategy.configure_train(rnd, arrays, config, grid))
+        pids = sorted(partition_of[m.metadata.dst_node_id] for m in messages)
         bytes_down = arrays.count_bytes() * len(messages)
         replies = _replies_in_partition_order(
             grid.send_and_receive(messages, timeout=timeout), partition_of
@@ -220,14 +307,13 @@ def run_federation(grid: Grid, strategy: Strategy, plan: ServerPlan) -> dict[str
                 f"failed ({_first_error(replies)}); aggregating the other {len(ok)}",
                 file=sys.stderr,
             )
+        # Counted before aggregating: some strategies empty the replies they aggregate.
+        bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
-            arrays = new_arrays
-        bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
+            arrays = float32_arrays(new_arrays)
         record: dict[str, Any] = {
             "round": rnd,
-            "accuracy": None,
-            "loss": None,
             "train_loss": train_metrics.get(C.KEY_TRAIN_LOSS) if train_metrics else None,
             "train_accuracy": train_metrics.get(C.KEY_TRAIN_ACC) if train_metrics else None,
             "num_clients": len(ok),
@@ -237,25 +323,30 @@ def run_federation(grid: Grid, strategy: Strategy, plan: ServerPlan) -> dict[str
             "bytes_down": int(bytes_down),
             "bytes_up": int(bytes_up),
         }
-        record.update(
-            _federated_evaluate(grid, strategy, arrays, config, cfg, rnd, node_of, timeout)
-        )
+        record.update(_federated_evaluate(grid, strategy, arrays, config, rnd, timeout))
         if rnd % int(cfg["eval_every"]) == 0 or rnd == num_rounds:
-            record["accuracy"], record["loss"] = central_eval()
-        else:
-            model.load_state_dict(arrays.to_torch_state_dict())
+            record.update(evaluator(arrays))
+        best_round, best_value = recorder.best_with(record)
+        # The checkpoint is written inside the timed round, then put in place after the metrics
+        # line: a crash in between leaves the previous checkpoint, and resume redoes this round.
+        tmp = latest.with_name(latest.name + ".next")
+        save_checkpoint(tmp, checkpoint(rnd, arrays, best_round, best_value))
         record["round_s"] = round(time.perf_counter() - t0, 3)
         recorder.append(record)
-        best_acc, best_round = recorder.best
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        meta = {**ckpt_meta, "round": rnd, "best_accuracy": best_acc, "best_round": best_round}
-        _save_checkpoint(plan.run_dir / C.CKPT_LATEST, state, meta)
+        os.replace(tmp, latest)
         if best_round == rnd:
-            _save_checkpoint(plan.run_dir / C.CKPT_BEST, state, meta)
-        bar.set_postfix(acc=_fmt(record["accuracy"]), loss=_fmt(record["loss"]), refresh=False)
+            _link_or_copy(latest, run_dir / C.CKPT_BEST)
+        bar.set_postfix(
+            val=_fmt(record.get(select_on or "")), test=_fmt(record.get("test_accuracy")),
+            refresh=False,
+        )  # fmt: skip
         bar.update(1)
     bar.close()
-    return recorder.finish(num_rounds=num_rounds, wall_s=time.perf_counter() - t_start)
+    return recorder.finish(
+        num_rounds=num_rounds,
+        wall_s=time.perf_counter() - t_start,
+        extra={"timings": timings},
+    )
 
 
 def _fmt(x: float | None) -> str:
@@ -267,25 +358,13 @@ def _federated_evaluate(
     strategy: Strategy,
     arrays: ArrayRecord,
     config: ConfigRecord,
-    cfg: Mapping[str, Any],
     rnd: int,
-    node_of: Mapping[int, int],
     timeout: float,
 ) -> dict[str, Any]:
     """Clients evaluate the global model on their local validation parts (when configured)."""
-    scfg = cfg["strategy"]
-    if float(scfg.get("fraction_evaluate", 0.0)) <= 0.0:
+    messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
+    if not messages:
         return {}
-    # Seeded apart from the train draw (round -> 10**6 + round) so both samples are independent.
-    pids = sample_clients(
-        node_of,
-        scfg["fraction_evaluate"],
-        scfg.get("min_evaluate_nodes", 0),
-        cfg["seed"],
-        10**6 + rnd,
-    )
-    view = _NodesView(grid, [node_of[p] for p in pids])
-    messages = list(strategy.configure_evaluate(rnd, arrays, config, view))
     replies = [
         m
         for m in grid.send_and_receive(messages, timeout=timeout)
@@ -293,7 +372,10 @@ def _federated_evaluate(
         # divide by zero if every sampled client were such a client).
         if m.has_error() or m.content[C.KEY_METRICS][C.KEY_NUM_EXAMPLES] > 0
     ]
-    metrics: MetricRecord | None = strategy.aggregate_evaluate(rnd, replies)
+    metrics = strategy.aggregate_evaluate(rnd, replies)
     if metrics is None:
-        return {"val_accuracy": None, "val_loss": None}
-    return {"val_accuracy": metrics.get(C.KEY_VAL_ACC), "val_loss": metrics.get(C.KEY_VAL_LOSS)}
+        return {"client_val_accuracy": None, "client_val_loss": None}
+    return {
+        "client_val_accuracy": metrics.get(C.KEY_VAL_ACC),
+        "client_val_loss": metrics.get(C.KEY_VAL_LOSS),
+    }

@@ -1,38 +1,22 @@
-"""Flower ServerApp built around a prepared ``ServerPlan``."""
+"""Flower ServerApp, loadable by name (``fedvision.fl.serverapp:app``) by every runtime.
+
+It finds its experiment through the Flower run config (``run-dir``: a directory that
+``fedvision run`` prepared) and reports only through files there, so the Ray simulation that
+``fedvision run`` starts and a SuperLink that ``flwr run`` talks to run the very same object.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedvision.fl.server import ServerPlan, build_strategy, run_federation
+from fedvision.fl.server import serve
+from fedvision.rundir import run_dir_from
+
+app = ServerApp()
 
 
-class RunOutcome:
-    """What the ServerApp leaves for its caller: the summary, or the exception that stopped it.
-
-    Flower runs the ServerApp in a thread of its own and turns any exception into a generic
-    RuntimeError; keeping the original lets the CLI print the real one-line cause.
-    """
-
-    def __init__(self) -> None:
-        self.summary: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-
-
-def make_server_app(plan: ServerPlan, outcome: RunOutcome) -> ServerApp:
-    """Build a ServerApp that runs ``plan`` and records its result in ``outcome``."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            strategy = build_strategy(plan.cfg["strategy"])
-            outcome.summary = run_federation(grid, strategy, plan)
-        except BaseException as exc:
-            outcome.error = exc
-            raise
-
-    return app
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the rounds of the run directory named in the run config."""
+    serve(grid, run_dir_from(context.run_config))

@@ -21,29 +21,43 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 class RunRecorder:
-    """Owns a run's metrics file: appends round records, keeps best-so-far, writes the summary.
+    """Owns a run's metrics file: appends round records, tracks the best round, writes the summary.
+
+    The best round is chosen on validation data (``select_on``: the server's held-out part,
+    ``val_accuracy``, or the clients' federated validation, ``client_val_accuracy``), never on
+    the test split, which is only reported.
 
     Parameters
     ----------
     run_dir : the run directory.
     history : records of rounds already done (when resuming); the file is rewritten to hold
         exactly these, so rounds after the checkpoint that resumed are not counted twice.
+    select_on : the record key that picks the best round, or None (no validation data).
     """
 
-    def __init__(self, run_dir: Path, history: Sequence[dict] = ()) -> None:
+    def __init__(
+        self, run_dir: Path, history: Sequence[dict] = (), *, select_on: str | None = None
+    ) -> None:
         self.run_dir = run_dir
+        self.select_on = select_on
         self.records: list[dict] = list(history)
         self.path = run_dir / C.RUN_METRICS
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
-    @property
-    def best(self) -> tuple[float | None, int | None]:
-        """Best test accuracy so far and its round (``(None, None)`` before any evaluation)."""
-        evaluated = [r for r in self.records if r.get("accuracy") is not None]
-        if not evaluated:
+    def best_with(self, record: dict | None = None) -> tuple[int | None, float | None]:
+        """Best round and its validation value over the records (plus ``record``, if given).
+
+        Ties go to the earlier round; ``(None, None)`` without validation data.
+        """
+        key = self.select_on
+        if key is None:
             return None, None
-        top = max(evaluated, key=lambda r: (r["accuracy"], -r["round"]))
-        return top["accuracy"], top["round"]
+        rows = [*self.records, *([record] if record is not None else [])]
+        scored = [r for r in rows if r.get(key) is not None]
+        if not scored:
+            return None, None
+        top = max(scored, key=lambda r: (r[key], -r["round"]))
+        return int(top["round"]), float(top[key])
 
     def append(self, record: dict) -> None:
         """Append one round's record and flush it to disk at once."""
@@ -53,14 +67,20 @@ class RunRecorder:
             f.flush()
 
     def finish(self, *, num_rounds: int, wall_s: float, extra: dict | None = None) -> dict:
-        """Write ``summary.json`` and ``curves.png``; return the summary."""
-        evaluated = [r for r in self.records if r.get("accuracy") is not None]
-        best_acc, best_round = self.best
+        """Write ``summary.json`` and ``curves.png``; return the summary.
+
+        Every figure names its split: ``test_*`` (reported only), ``val_*`` (used to select).
+        """
+        tested = [r for r in self.records if r.get("test_accuracy") is not None]
+        best_round, best_value = self.best_with()
+        at_best = next((r for r in self.records if r["round"] == best_round), {})
         summary = {
-            "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
-            "final_loss": evaluated[-1]["loss"] if evaluated else None,
-            "best_accuracy": best_acc,
+            "test_accuracy_final": tested[-1]["test_accuracy"] if tested else None,
+            "test_loss_final": tested[-1]["test_loss"] if tested else None,
+            "selection": self.select_on,
             "best_round": best_round,
+            "val_accuracy_best": best_value,
+            "test_accuracy_at_best_val": at_best.get("test_accuracy"),
             "num_rounds": num_rounds,
             "rounds_done": max((r["round"] for r in self.records), default=0),
             "wall_s": round(wall_s, 2),

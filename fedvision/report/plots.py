@@ -12,32 +12,38 @@ import matplotlib.pyplot as plt
 
 
 def plot_curves(records: Sequence[dict], path: Path, *, title: str = "") -> Path:
-    """Plot test accuracy and test/train loss per round from ``metrics.jsonl`` records.
+    """Plot accuracy (validation and test) and loss per round from ``metrics.jsonl`` records.
 
     Parameters
     ----------
-    records : per-round dicts with ``round`` and optionally ``accuracy``, ``loss``, ``train_loss``.
+    records : per-round dicts with ``round`` and optionally ``test_accuracy``, ``test_loss``,
+        ``val_accuracy``, ``val_loss``, ``client_val_accuracy``, ``client_val_loss``,
+        ``train_loss``.
     path : where the PNG goes.
     title : figure title (e.g. the experiment name).
     """
-    evaluated = [r for r in records if r.get("accuracy") is not None]
-    trained = [r for r in records if r.get("train_loss") is not None]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot([r["round"] for r in evaluated], [r["accuracy"] for r in evaluated], marker="o")
-    ax_acc.set(xlabel="round", ylabel="test accuracy", title="global model accuracy", ylim=(0, 1))
-    ax_acc.grid(alpha=0.3)
-    ax_loss.plot(
-        [r["round"] for r in evaluated], [r["loss"] for r in evaluated], marker="o", label="test"
+    curves = (
+        ("test", "test_accuracy", "test_loss", "o"),
+        ("validation (server)", "val_accuracy", "val_loss", "s"),
+        ("validation (clients)", "client_val_accuracy", "client_val_loss", "^"),
     )
-    ax_loss.plot(
-        [r["round"] for r in trained],
-        [r["train_loss"] for r in trained],
-        marker="x",
-        label="train (clients, weighted)",
-    )
+    for label, acc_key, loss_key, marker in curves:
+        acc = [(r["round"], r[acc_key]) for r in records if r.get(acc_key) is not None]
+        loss = [(r["round"], r[loss_key]) for r in records if r.get(loss_key) is not None]
+        if acc:
+            ax_acc.plot(*zip(*acc, strict=True), marker=marker, label=label)
+        if loss:
+            ax_loss.plot(*zip(*loss, strict=True), marker=marker, label=label)
+    trained = [(r["round"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+    if trained:
+        ax_loss.plot(*zip(*trained, strict=True), marker="x", label="train (clients, weighted)")
+    ax_acc.set(xlabel="round", ylabel="accuracy", title="global model accuracy", ylim=(0, 1))
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""Run a ServerApp/ClientApp pair in Flower's Simulation Engine on Ray.
+"""Run the module-level ServerApp/ClientApp in Flower's Simulation Engine on Ray.
 
 Every Flower runtime call lives in ``fedvision/runtime`` so a Flower upgrade touches one folder.
 """
@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import secrets
+from pathlib import Path
 from typing import Any
 
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-
+from fedvision import constants as C
 from fedvision.errors import FedvisionError
 
 # Flower must not phone home or install anything at run time (offline clusters, CI).
@@ -20,67 +19,137 @@ OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    # Ray's own future default; setting it silences a warning on every start.
+    # Ray's own future default; set so that the value is the same on every machine. With it Ray
+    # leaves CUDA_VISIBLE_DEVICES alone for a worker with no GPU share, so fedvision puts such
+    # clients on the CPU itself (client_device below).
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
+# The folder with the pyproject.toml whose [tool.flwr.app] table declares the apps and the
+# run-config keys (the same one `flwr run .` reads).
+APP_DIR = Path(__file__).resolve().parents[2]
 
 
-def backend_config(runtime: Mapping[str, Any], *, verbose: bool = False) -> dict[str, Any]:
-    """Translate the ``runtime`` config group into Flower's Ray ``backend_config``."""
-    cpus = float(runtime.get("num_cpus_per_client", 1))
-    gpus = float(runtime.get("num_gpus_per_client", 0.0))
-    if cpus <= 0:
-        raise FedvisionError(f"runtime.num_cpus_per_client={cpus} must be > 0")
-    if gpus < 0:
-        raise FedvisionError(f"runtime.num_gpus_per_client={gpus} must be >= 0")
-    address = runtime.get("ray_address")
-    if gpus > 0 and address is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            # Ray would wait forever for a GPU that is not there.
-            raise FedvisionError(
-                f"runtime.num_gpus_per_client={gpus} but this machine has no CUDA GPU; "
-                "set runtime.num_gpus_per_client=0"
-            )
-    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": bool(verbose)}
-    if address is not None:
-        init_args["address"] = str(address)
-    return {
-        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
-        "init_args": init_args,
-    }
-
-
-def run_in_simulation(
-    server_app: ServerApp,
-    client_app: ClientApp,
-    num_clients: int,
-    runtime: Mapping[str, Any],
-    *,
-    verbose: bool = False,
-) -> None:
-    """Run the apps with ``num_clients`` simulated SuperNodes; Ray is shut down afterwards."""
+def set_offline_env() -> None:
+    """Turn off Flower's telemetry, update checks and dependency installs (unless set already)."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    config = backend_config(runtime, verbose=verbose)
-    from flwr.simulation import run_simulation
 
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    if not verbose:
-        flwr_logger.setLevel(logging.ERROR)  # the progress line says what matters
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_clients,
-            backend_config=config,
-            verbose_logging=verbose,
+
+class SimulationRuntime:
+    """Flower's Simulation Engine on Ray: many clients share this machine (or a Ray cluster).
+
+    Parameters
+    ----------
+    num_cpus_per_client, num_gpus_per_client : Ray resources of one client (0.25 GPUs: four
+        clients share a GPU). Clients with no GPU share train on the CPU.
+    ray_address : None starts a local Ray; ``auto`` or ``HOST:6379`` joins a running cluster.
+    connect_timeout_s, round_timeout_s : read by the server (waiting for clients, for replies).
+    """
+
+    name = "simulation"
+
+    def __init__(
+        self,
+        num_cpus_per_client: float = 1,
+        num_gpus_per_client: float = 0.0,
+        ray_address: str | None = None,
+        connect_timeout_s: float = 120,
+        round_timeout_s: float = 3600,
+    ) -> None:
+        self.num_cpus = float(num_cpus_per_client)
+        self.num_gpus = float(num_gpus_per_client)
+        self.ray_address = ray_address
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.round_timeout_s = float(round_timeout_s)
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before any data work."""
+        if self.num_cpus <= 0:
+            raise FedvisionError(f"runtime.num_cpus_per_client={self.num_cpus} must be > 0")
+        if self.num_gpus < 0:
+            raise FedvisionError(f"runtime.num_gpus_per_client={self.num_gpus} must be >= 0")
+        if self.connect_timeout_s <= 0 or self.round_timeout_s <= 0:
+            raise FedvisionError("runtime.connect_timeout_s and round_timeout_s must be > 0")
+        if self.num_gpus > 0 and self.ray_address is None:
+            import torch
+
+            if not torch.cuda.is_available():
+                # Ray would wait forever for a GPU that is not there.
+                raise FedvisionError(
+                    f"runtime.num_gpus_per_client={self.num_gpus} but this machine has no CUDA "
+                    "GPU; set runtime.num_gpus_per_client=0"
+                )
+
+    def client_device(self) -> str:
+        """The device simulated clients train on: the GPU share Ray gives them, else the CPU."""
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    def backend_config(self, *, verbose: bool = False) -> dict[str, Any]:
+        """Flower's Ray ``backend_config`` for these settings."""
+        init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": bool(verbose)}
+        if self.ray_address is not None:
+            init_args["address"] = str(self.ray_address)
+        return {
+            "client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "init_args": init_args,
+        }
+
+    def launch(self, run_dir: Path, num_clients: int, *, verbose: bool = False) -> None:
+        """Simulate ``num_clients`` SuperNodes running the apps on ``run_dir``; Ray stops after.
+
+        This mirrors what ``flwr run`` does with a local simulation (the ``flwr-simulation``
+        process): the run config, fused from ``[tool.flwr.app.config]`` and ``run-dir``, reaches
+        the ServerApp and every ClientApp. Flower 1.39's public ``run_simulation`` cannot pass a
+        run config, hence its private twin, kept to this one call.
+        """
+        set_offline_env()
+        from flwr.app import Context, RecordDict
+        from flwr.common.config import get_fused_config_from_dir
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.simulation.run_simulation import _run_simulation
+        from flwr.supercore.constant import NOOP_FEDERATION_ID
+        from flwr.supercore.run import Run
+        from flwr.supercore.task_identity import TaskIdentity
+        from flwr.supercore.telemetry import EventType
+
+        from fedvision.fl.clientapp import app as client_app
+        from fedvision.fl.serverapp import app as server_app
+
+        run = Run.create_empty(run_id=secrets.randbits(63))
+        run.override_config = {C.RUN_DIR_KEY: str(run_dir.resolve())}
+        run.primary_task_id = secrets.randbits(63)
+        run.federation_id = NOOP_FEDERATION_ID
+        # What _run_simulation does for a run it creates itself (messages carry this identity).
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run.run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        context = Context(
+            run_id=run.run_id,
+            node_id=0,
+            node_config={},
+            state=RecordDict(),
+            run_config=get_fused_config_from_dir(APP_DIR, run.override_config),
         )
-    finally:
-        flwr_logger.setLevel(level)
-        import ray
+        flwr_logger = logging.getLogger("flwr")
+        level = flwr_logger.level
+        if not verbose:
+            flwr_logger.setLevel(logging.ERROR)  # the progress line says what matters
+        try:
+            _run_simulation(
+                num_supernodes=num_clients,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server_app,
+                backend_config=self.backend_config(verbose=verbose),
+                server_app_context=context,
+                app_dir=str(APP_DIR),
+                run=run,
+                is_app=True,
+                verbose_logging=verbose,
+            )
+        finally:
+            flwr_logger.setLevel(level)
+            import ray
 
-        if ray.is_initialized():  # Flower shuts Ray down on success; make sure on failure too
-            ray.shutdown()
+            if ray.is_initialized():  # Flower shuts Ray down on success; make sure on failure too
+                ray.shutdown()

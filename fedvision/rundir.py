@@ -1,0 +1,115 @@
+"""The run directory as the one handle on an experiment, for the launcher and both Flower apps.
+
+``fedvision run`` writes the resolved config, the partition, the initial weights and a plan
+(``run.json``) into the run directory before any runtime starts. The ServerApp and ClientApp
+find that directory through the Flower run config (``run-dir``), whichever runtime loaded them,
+and the server reports back through files there (``metrics.jsonl``, ``summary.json``,
+``status.json``): no closures over the launcher's objects, no side channels.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from fedvision import constants as C
+from fedvision.atomic import write_json_atomic
+from fedvision.errors import FedvisionError
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the launcher prepared for a run (``run.json``); paths are absolute.
+
+    Attributes
+    ----------
+    num_classes : classes of the dataset.
+    train_cache, test_cache : decoded caches of the training and test splits.
+    partition_file : the clients' index lists into the training cache.
+    server_val_file : training indices the server holds out for model selection (or None).
+    client_device : the device simulated clients train on (a SuperNode's node config wins).
+    """
+
+    num_classes: int
+    train_cache: str
+    test_cache: str
+    partition_file: str
+    server_val_file: str | None
+    client_device: str
+
+
+def write_plan(run_dir: Path, plan: RunPlan) -> None:
+    """Write ``run.json``."""
+    write_json_atomic(run_dir / C.RUN_PLAN, asdict(plan))
+
+
+def read_plan(run_dir: Path) -> RunPlan:
+    """Read ``run.json`` of a prepared run directory."""
+    path = run_dir / C.RUN_PLAN
+    if not path.is_file():
+        raise FedvisionError(
+            f"{run_dir} is not a prepared fedvision run directory (no {C.RUN_PLAN}); make one "
+            "with `fedvision run ... runtime=prepare_only hydra.run.dir=DIR`"
+        )
+    return RunPlan(**json.loads(path.read_text()))
+
+
+def run_dir_from(run_config: Mapping[str, Any]) -> Path:
+    """The run directory named by a Flower run config (``--run-config "run-dir='...'"``)."""
+    value = str(run_config.get(C.RUN_DIR_KEY, "") or "")
+    if not value:
+        raise FedvisionError(
+            f"the Flower run config has no {C.RUN_DIR_KEY!r}; pass --run-config "
+            f"\"{C.RUN_DIR_KEY}='/abs/path/to/run'\" (a directory prepared by fedvision run)"
+        )
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        # The server and client processes of `flwr run` do not share the caller's directory.
+        raise FedvisionError(f"{C.RUN_DIR_KEY}={value!r} must be an absolute path")
+    return path
+
+
+def load_run_config(run_dir: Path) -> dict[str, Any]:
+    """The config the next round runs with: ``config.yaml`` plus each resume's changes, in order."""
+    path = run_dir / C.RUN_CONFIG
+    if not path.is_file():
+        raise FedvisionError(f"{run_dir} has no {C.RUN_CONFIG}; is it a fedvision run directory?")
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    for entry in read_resumes(run_dir):
+        for key, (_, new) in entry["changes"].items():
+            cfg[key] = new
+    return cfg
+
+
+def read_resumes(run_dir: Path) -> list[dict[str, Any]]:
+    """The resume records of a run (empty when it was never resumed)."""
+    path = run_dir / C.RUN_RESUMES
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_resume(run_dir: Path, after_round: int, changes: Mapping[str, tuple[Any, Any]]) -> None:
+    """Record that the run continues after ``after_round`` with ``changes`` (key: (old, new))."""
+    entry = {"after_round": after_round, "changes": dict(changes), "time": time.time()}
+    with (run_dir / C.RUN_RESUMES).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def write_status(run_dir: Path, status: str, error: str | None = None, **extra: Any) -> None:
+    """Say how the server ended: ``finished`` or ``failed`` (with the one-line error)."""
+    write_json_atomic(
+        run_dir / C.RUN_STATUS, {"status": status, "error": error, "time": time.time(), **extra}
+    )
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    """The server's last status, or None when it never wrote one."""
+    path = run_dir / C.RUN_STATUS
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,126 @@
+"""The checkpoint module: strategy state, RNG state and the file format survive a save/load."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from hydra.utils import instantiate
+
+from fedvision import constants as C
+from fedvision.config import CONF_DIR, compose_config
+from fedvision.errors import FedvisionError
+from fedvision.fl.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    restore_strategy_state,
+    rng_state,
+    save_checkpoint,
+    strategy_state,
+)
+from strategies.sampling import SeededSampling
+
+STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class _Grid:
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, 11))
+
+
+def _build(name: str) -> SeededSampling:
+    strategy = SeededSampling(instantiate(compose_config([f"strategy={name}"]).strategy), seed=0)
+    strategy.set_partitions({n: n - 1 for n in range(1, 11)})
+    return strategy
+
+
+def _round(strategy, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
+    """One round with ten fixed client replies (distinct weights, sizes and losses)."""
+    list(strategy.configure_train(rnd, arrays, ConfigRecord(), _Grid()))
+    rng = np.random.default_rng(rnd)
+    replies = [
+        Message(
+            content=RecordDict(
+                {
+                    C.KEY_ARRAYS: ArrayRecord(
+                        {"w": Array((arrays["w"].numpy() + rng.normal(size=4)).astype(np.float32))}
+                    ),
+                    C.KEY_METRICS: MetricRecord(
+                        {C.KEY_NUM_EXAMPLES: 5 + i, C.KEY_TRAIN_LOSS: 0.5 + 0.1 * i}
+                    ),
+                }
+            ),
+            dst_node_id=1,
+            message_type="train",
+        )
+        for i in range(10)
+    ]
+    new, _ = strategy.aggregate_train(rnd, replies)
+    return new
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_a_restored_strategy_continues_like_the_uninterrupted_one(name, tmp_path):
+    start = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    # Uninterrupted: rounds 1, 2, 3 on one object.
+    a = _build(name)
+    a1 = _round(a, 1, start)
+    a3 = _round(a, 3, _round(a, 2, a1))
+    # Interrupted after round 1: its state goes through a checkpoint file into a fresh object.
+    b = _build(name)
+    b1 = _round(b, 1, start)
+    ckpt = Checkpoint(
+        model={"w": torch.from_numpy(b1["w"].numpy())}, arch="x", num_classes=2, round=1,
+        lr_horizon=3, strategy=strategy_state(b), rng=rng_state(),
+    )  # fmt: skip
+    save_checkpoint(tmp_path / "c.pt", ckpt)
+    loaded = load_checkpoint(tmp_path / "c.pt", arch="x", num_classes=2)
+    c = _build(name)
+    restore_strategy_state(c, loaded.strategy)
+    c3 = _round(c, 3, _round(c, 2, loaded.arrays()))
+    np.testing.assert_array_equal(c3["w"].numpy(), a3["w"].numpy())
+
+
+def test_state_names_what_a_server_optimiser_keeps():
+    s = _build("fedadam")
+    _round(s, 1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}))
+    state = strategy_state(s)
+    assert {"1.m_t", "1.v_t"} <= set(state) and "1.current_arrays" not in state
+    with pytest.raises(FedvisionError, match="FedAdam"):
+        restore_strategy_state(_build("fedyogi"), state)
+
+
+def test_rng_state_round_trips():
+    saved = rng_state()
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_wrong_checkpoints_are_refused_with_one_line(tmp_path):
+    path = tmp_path / "c.pt"
+    with pytest.raises(FedvisionError, match="no checkpoint"):
+        load_checkpoint(path, arch="resnet18", num_classes=4)
+    torch.save({"w": torch.zeros(2)}, path)  # a bare state dict is a model, not a run checkpoint
+    with pytest.raises(FedvisionError, match="not a fedvision run checkpoint"):
+        load_checkpoint(path, arch="resnet18", num_classes=4)
+    save_checkpoint(
+        path, Checkpoint(model={}, arch="resnet18", num_classes=7, round=1, lr_horizon=2)
+    )
+    with pytest.raises(FedvisionError, match="7 classes"):
+        load_checkpoint(path, arch="resnet18", num_classes=4)
+    path.write_bytes(b"garbage")
+    with pytest.raises(FedvisionError, match="cannot read checkpoint"):
+        load_checkpoint(path, arch="resnet18", num_classes=4)
