@@ -1,48 +1,56 @@
 """Throughput and start-up of ``fedvision run`` against a plain PyTorch loop doing the same work.
 
-(a) The federation: ``fedvision run`` started as a command (a subprocess of this script), Flower's
+(a) The federation: ``fedvision run`` started as a command (a subprocess of this script): Flower's
 simulation on Ray, N clients, FedAvg, IID partition, no augmentation, constant learning rate, no
 evaluation in the timed rounds. Ray gives every client actor ``runtime.num_cpus_per_client`` CPUs
 (1 by default) and, unless ``OMP_NUM_THREADS`` is set already, sets ``OMP_NUM_THREADS`` to that
-(floored, at least 1) when the actor starts (``ray._private.utils.set_omp_num_threads_if_unset``,
-called for every actor-creation task); the ClientApp imports torch later, inside the actor, so
-each simulated worker trains with that many torch threads. This script checks it on every run:
-while the federation runs it samples the CPU time of every thread of the ``ray::ClientAppActor``
-processes the command started, and reports how many threads of a worker did the work (observed on
-a 2-core machine: 1 busy thread per actor, the OpenMP pool stays empty). The federation keeps
-``floor(cores / num_cpus_per_client)`` actors, so N clients train on W = min(N, that) concurrent
-workers.
+number (floored, at least 1) in the actor's process when the actor is created
+(``ray._private.utils.set_omp_num_threads_if_unset``). The ClientApp imports torch later, on the
+actor's first message, so each simulated worker trains with that many torch threads: a throwaway
+``num_cpus=1`` actor (Ray 2.55, torch 2.14) reports ``OMP_NUM_THREADS=1`` and
+``torch.get_num_threads() == 1``. This script checks the real actors on every run: while the
+federation runs it samples the CPU time of every thread of the ``ray::ClientAppActor`` processes
+the command started and reports how many threads of each did the work (on the 2-core machine: 1,
+no OpenMP thread busy). The federation keeps ``floor(cores / num_cpus_per_client)`` actors, so N
+clients train on W = min(N, that) concurrent workers.
 
-(b) The plain loop: the same work split the same way. W processes (``spawn``), each with
-``OMP_NUM_THREADS`` and ``torch.set_num_threads`` at the federation's per-worker thread count,
-each training its share of the clients' index sets (clients dealt to workers largest first, as
-equal IID partitions land on Ray's actor pool) with a textbook loop: the same model from
-``build_model``, SGD with the config's lr/momentum/weight decay (a fresh optimiser per client and
-round, as FedAvg clients do), shuffled batches gathered sorted from the same decoded-cache memmap,
-uint8 -> float by ``build_eval_transform()``, cross-entropy, backward, step. The processes load
-everything and take a few warm-up steps before a barrier; only what follows it is timed, up to the
-last process's finish.
+(b) The plain loop: the same work split the same way. W processes (``spawn``), each started with
+``OMP_NUM_THREADS`` set and calling ``torch.set_num_threads`` at the federation's per-worker
+thread count, each training its share of the clients' index sets (dealt largest first to the
+least loaded process; equal IID partitions thus split as they do over Ray's actors) with a
+textbook loop: the same model from ``build_model``, SGD with the config's lr, momentum and weight
+decay (a fresh optimiser per client and round, as a FedAvg client builds), shuffled batches
+gathered sorted from the same decoded-cache memmap, uint8 -> float by ``build_eval_transform()``,
+cross-entropy, backward, step. The processes load everything and take a few warm-up steps before
+a barrier; the timed part runs from the barrier to the last process's finish and is only
+training. The processes do not wait for each other between rounds, as the federation must; the
+table also shows the estimate with that wait (each round as long as its slowest process).
 
 Steady state compares the federation's rounds 2 .. R-1 (round 1 builds the model in each worker,
 round R evaluates) with the plain loop over the same number of samples (the clients' training
-indices x local epochs x steady rounds). A round's ``round_s`` is everything the server does:
-sending weights, the clients' training, replies, aggregation and the checkpoint write. Images/s =
-samples / seconds on both sides, and the ratio is federation / plain.
+indices x local epochs x steady rounds). A round's ``round_s`` is all the server does: sending
+weights, the clients' training, the replies, aggregation and the checkpoint write. Images/s =
+samples / seconds on both sides; the ratio is federation / plain.
 
-Start-up is timed from this script's launch of the command to the first round's start, split with
-the timestamps in ``summary.json``: import (Python + torch/flwr/hydra, until the Hydra task
-begins), data (config check, dataset generated on first use or decoded-cache reuse, partition,
-initial weights), Ray (Ray start and Flower's set-up, until the ServerApp begins), discovery
-(actors start, import the ClientApp and answer the query), round-0 evaluation. "Beyond data" is
-everything from data ready to round 1's start. The launch time is taken here because the
-``start`` in ``summary.json`` comes from /proc, whose boot time has whole-second resolution.
+Start-up runs from this script's launch of the command to round 1's start, split with the
+timestamps in ``summary.json``: import (Python, torch, flwr, hydra: until the Hydra task begins),
+data (config check, the dataset generated on first use or its decoded cache reused, partition,
+initial weights), Ray + Flower set-up (until the ServerApp begins; Flower starts the ServerApp's
+thread first and Ray after it, so this is mostly Flower's own set-up), discovery (Ray's start, the
+actors' start, their import of the ClientApp and their answers), round-0 evaluation. "Beyond
+data" is everything from data ready to round 1's start. Milestones seen from outside (to within
+0.25 s) split discovery: a Ray daemon up, the first Ray worker process, a worker connected and
+idle, the last client actor created. The clock starts at this script's launch of the command;
+the command's own ``start`` (its process start, from /proc) should lie within a few hundredths of
+a second of it, and ``proc_start_vs_launch`` in the JSON shows by how much.
 
     python scripts/bench_sim.py                       # resnet18, 32 px, 2 clients, 5 rounds
     python scripts/bench_sim.py --clients 4 --rounds 6 --model mobilenet_v3_small
 
 Prints a table; the last line is one JSON object with every number. Uses ``$FEDVISION_HOME`` (the
-built-in dataset is generated there on first use) and leaves the run directory in a temp folder
-unless ``--out`` names one.
+built-in dataset is generated there on first use, which the first run's "data" then includes) and
+leaves the run directory and the command's log in a temp folder unless ``--out`` names one. Run
+it on an otherwise idle machine: other load changes both sides, and not by the same amount.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -144,17 +153,23 @@ def busy_threads(ticks: Sequence[int]) -> int | None:
 
 
 class ProcessWatcher:
-    """Samples the processes below a pid once a second while a command runs.
+    """Samples the processes below a pid while a command runs.
 
-    Keeps the last per-thread CPU sample of every client actor (so the numbers cover its whole
-    life up to about a second before it ended) and the pids of Ray's daemons, to make sure none
-    outlives the command.
+    Notes when Ray's daemons and each client actor first appear (every 0.25 s during start-up),
+    keeps the last per-thread CPU sample of every client actor (so the numbers cover its whole
+    life up to about a second before it ended) and the daemons' pids, so that none outlives the
+    command. Once the actors have been up a few seconds it rescans only them (once a second) and
+    the whole tree every 5 s, to stay out of the measured rounds' way.
     """
 
-    def __init__(self, root: int, interval_s: float = 1.0) -> None:
-        self.root, self.interval_s = root, interval_s
+    def __init__(self, root: int) -> None:
+        self.root = root
         self.actor_ticks: dict[int, list[int]] = {}
+        self.actor_seen: dict[int, float] = {}  # pid -> wall time first seen as a client actor
         self.daemons: dict[int, str] = {}
+        # Wall time each kind of process was first seen: "daemon" (raylet, GCS), "worker" (a Ray
+        # worker process started), "idle_worker" (one connected and waits for work).
+        self.first_seen: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -168,15 +183,34 @@ class ProcessWatcher:
         if self._thread.is_alive():
             self._thread.join()
 
+    def _scan(self) -> None:
+        now = time.time()
+        for pid in _descendants(self.root):
+            cmd = _cmdline(pid)
+            if cmd.startswith(ACTOR_PREFIX):
+                self.actor_seen.setdefault(pid, now)
+                if ticks := thread_cpu_ticks(pid):
+                    self.actor_ticks[pid] = ticks
+            elif Path(cmd.split(" ", 1)[0]).name in RAY_DAEMONS:
+                self.daemons[pid] = cmd
+                self.first_seen.setdefault("daemon", now)
+            elif "default_worker.py" in cmd:
+                self.first_seen.setdefault("worker", now)
+            elif cmd.startswith("ray::IDLE"):
+                self.first_seen.setdefault("idle_worker", now)
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            for pid in _descendants(self.root):
-                cmd = _cmdline(pid)
-                if cmd.startswith(ACTOR_PREFIX):
+        last_full = 0.0
+        while not self._stop.is_set():
+            settled = self.actor_seen and time.time() - max(self.actor_seen.values()) > 5
+            if not settled or time.monotonic() - last_full > 5:
+                self._scan()
+                last_full = time.monotonic()
+            else:
+                for pid in self.actor_ticks:
                     if ticks := thread_cpu_ticks(pid):
                         self.actor_ticks[pid] = ticks
-                elif Path(cmd.split(" ", 1)[0]).name in RAY_DAEMONS:
-                    self.daemons[pid] = cmd
+            self._stop.wait(1.0 if settled else 0.25)
 
     def busy_threads_per_actor(self) -> list[int]:
         """Compute threads of each client actor seen (actors that never trained are left out)."""
@@ -212,13 +246,19 @@ def run_federation(
         with ProcessWatcher(proc.pid) as watcher:
             try:
                 rc = proc.wait(timeout=timeout_s)
-            except BaseException:  # timeout or Ctrl-C: let fedvision shut Ray down, then insist
-                os.killpg(proc.pid, signal.SIGTERM)
+            except BaseException as exc:  # timeout, Ctrl-C: let fedvision stop Ray, then insist
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    with suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
                 watcher.reap_daemons(grace_s=0)
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise SystemExit(
+                        f"bench_sim: the federation did not finish in {timeout_s:g} s; see {log}"
+                    ) from None
                 raise
     leftover = watcher.reap_daemons()
     if leftover:
@@ -289,7 +329,11 @@ def plain_worker(
     train(clients[0], 1, max_steps=int(hp["warmup_steps"]))  # not timed, like round 1
     barrier.wait()
     t0 = time.monotonic()  # CLOCK_MONOTONIC: comparable across the processes
-    seen = sum(train(idx, int(hp["epochs"])) for _ in range(int(hp["rounds"])) for idx in clients)
+    seen, round_s = 0, []
+    for _ in range(int(hp["rounds"])):
+        r0 = time.monotonic()
+        seen += sum(train(idx, int(hp["epochs"])) for idx in clients)
+        round_s.append(time.monotonic() - r0)
     t1 = time.monotonic()
     results.put(
         {
@@ -297,6 +341,7 @@ def plain_worker(
             "t0": t0,
             "t1": t1,
             "samples": seen,
+            "round_s": round_s,
             "threads": torch.get_num_threads(),
             "busy_threads": busy_threads(thread_cpu_ticks(os.getpid())),
         }
@@ -357,7 +402,7 @@ def run_plain(
         while len(got) < workers:
             try:
                 got.append(results.get(timeout=1.0))
-            except Exception:  # queue.Empty: check that nobody died
+            except queue.Empty:  # check that nobody died
                 if any(p.exitcode not in (None, 0) for p in procs):
                     raise SystemExit("bench_sim: a plain-loop process failed") from None
                 if time.monotonic() > deadline:
@@ -370,13 +415,16 @@ def run_plain(
     wall = max(g["t1"] for g in got) - min(g["t0"] for g in got)
     samples = sum(g["samples"] for g in got)
     busy = [g["busy_threads"] for g in got if g["busy_threads"] is not None]
+    # What the same processes would take if, like FedAvg, each round waited for the slowest one
+    # (an estimate from their own round times; shown, not used in the ratio).
+    synced = sum(max(rounds) for rounds in zip(*(g["round_s"] for g in got), strict=True))
     return {
         "img_s": samples / wall,
         "wall_s": wall,
+        "img_s_round_synced": samples / synced,
         "samples": samples,
         "threads": max(g["threads"] for g in got),
         "busy_threads": max(busy) if busy else None,
-        "slowest_s": max(g["t1"] - g["t0"] for g in got),
     }
 
 
@@ -385,8 +433,17 @@ def run_plain(
 # ---------------------------------------------------------------------------------------------
 
 
-def startup_parts(timings: dict[str, float], launched: float) -> dict[str, float]:
-    """Seconds of each start-up phase, from the launch of the command to round 1's start."""
+def startup_parts(
+    timings: dict[str, float], launched: float, watcher: ProcessWatcher
+) -> dict[str, float | None]:
+    """Seconds of each start-up phase, from the launch of the command to round 1's start.
+
+    Flower starts the ServerApp's thread before it starts Ray, so "ray" (data ready -> the
+    ServerApp begins) is Flower's set-up and "discovery" holds Ray's start, the actors' start
+    and their first ClientApp call. The ``after_data`` milestones, from what the watcher saw
+    (to within 0.25 s), split it: a Ray daemon (GCS, raylet) up, a Ray worker process started, a
+    worker connected and idle, the last client actor created, all clients answered.
+    """
     t = {**timings, "launched": launched}
     spans = {
         "import": ("launched", "imported"),
@@ -398,9 +455,16 @@ def startup_parts(timings: dict[str, float], launched: float) -> dict[str, float
         "total": ("launched", "first_round_start"),
         "beyond_data": ("data_ready", "first_round_start"),
     }
-    out = {k: round(t[b] - t[a], 2) for k, (a, b) in spans.items()}
+    out: dict[str, float | None] = {k: round(t[b] - t[a], 2) for k, (a, b) in spans.items()}
     out["config_check"] = round(t["config_checked"] - t["imported"], 2)
-    # Where the /proc start the command records lies against the launch (whole-second boot time).
+    ready = t["data_ready"]
+    seen = {**watcher.first_seen}
+    if watcher.actor_seen:
+        seen["actors"] = max(watcher.actor_seen.values())
+    for key in ("daemon", "worker", "idle_worker", "actors"):
+        out[f"after_data_{key}"] = round(seen[key] - ready, 2) if key in seen else None
+    out["after_data_clients_ready"] = round(t["clients_ready"] - ready, 2)
+    # A check on the command's own start time (from /proc) against the launch seen from here.
     out["proc_start_vs_launch"] = round(t["start"] - launched, 2)
     return out
 
@@ -460,6 +524,13 @@ def main() -> None:
     pool = actors_seen or max(math.floor(cores / args.cpus_per_client), 1)
     workers = min(args.clients, pool)
     busy_sim = watcher.busy_threads_per_actor()
+    if busy_sim and max(busy_sim) != threads:
+        # Then something in the actors set the thread count; the plain side would not match.
+        print(
+            f"bench_sim: federation workers computed on {_fmt_list(busy_sim)} threads, the plain "
+            f"loop will use {threads}; the comparison is off",
+            file=sys.stderr,
+        )
     hp = {
         "model": args.model,
         "num_classes": plan.num_classes,
@@ -481,7 +552,7 @@ def main() -> None:
             file=sys.stderr,
         )
     ratio = sim_img_s / plain["img_s"]
-    start = startup_parts(summary["timings"], launched)
+    start = startup_parts(summary["timings"], launched, watcher)
 
     print(
         f"model {args.model}, {args.clients} clients on {workers} workers x {threads} thread(s), "
@@ -495,6 +566,7 @@ def main() -> None:
             f"plain loop, {workers} processes",
             f"{plain['img_s']:8.1f} images/s in {plain['wall_s']:.1f} s",
         ),
+        ("  (rounds synced, estimate)", f"{plain['img_s_round_synced']:8.1f} images/s"),
         ("ratio (goal >= 0.95)", f"{ratio:8.3f}"),
         (
             "compute threads per worker",
@@ -504,7 +576,12 @@ def main() -> None:
         ("  import (launch -> Hydra task)", sec(start["import"])),
         ("  data (config, data, partition)", sec(start["data"])),
         ("  Ray start + Flower set-up", sec(start["ray"])),
-        ("  client discovery", sec(start["discovery"])),
+        ("  client discovery (Ray, actors)", sec(start["discovery"])),
+        ("    after data: Ray daemons up", _sec_or_na(start["after_data_daemon"])),
+        ("    after data: first worker", _sec_or_na(start["after_data_worker"])),
+        ("    after data: a worker idle", _sec_or_na(start["after_data_idle_worker"])),
+        ("    after data: actors created", _sec_or_na(start["after_data_actors"])),
+        ("    after data: clients answered", sec(start["after_data_clients_ready"])),
         ("  round-0 evaluation", sec(start["round0_eval"])),
         ("  other", sec(start["to_round1"])),
         ("beyond data (goal <= 5 s)", sec(start["beyond_data"])),
@@ -518,6 +595,7 @@ def main() -> None:
                 "ratio": round(ratio, 4),
                 "sim_img_s": round(sim_img_s, 2),
                 "plain_img_s": round(plain["img_s"], 2),
+                "plain_img_s_round_synced": round(plain["img_s_round_synced"], 2),
                 "sim_steady_s": round(sim_s, 2),
                 "plain_wall_s": round(plain["wall_s"], 2),
                 "startup_s": start,
@@ -542,6 +620,10 @@ def main() -> None:
             }
         )
     )
+
+
+def _sec_or_na(value: float | None) -> str:
+    return "     n/a" if value is None else f"{value:8.2f} s"
 
 
 def _fmt_list(values: list[int]) -> str:
