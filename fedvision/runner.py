@@ -232,23 +232,17 @@ def initial_weights(cfg: DictConfig, num_classes: int) -> dict[str, torch.Tensor
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def run_experiment(
+def _prepare_run_dir(
     cfg: DictConfig,
     run_dir: Path,
-    *,
-    resume_changes: dict[str, tuple[Any, Any]] | None = None,
-    timings: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """Prepare ``run_dir`` (unless resuming), run it on the configured runtime; return its summary.
+    runtime: Any,
+    resume_changes: dict[str, tuple[Any, Any]] | None,
+) -> None:
+    """Write what the apps read: config, data caches, partition, initial weights, run.json.
 
-    ``resume_changes`` marks a resumed run: its files stay as they are, the changed keys are
-    appended to ``resumes.jsonl``, and the server continues from ``checkpoint_latest.pt``.
+    A resumed run keeps its files; only the resume and its changes are recorded.
     """
-    timings = {"start": time.time(), **(timings or {})}
     resuming = resume_changes is not None
-    runtime = check_config(cfg)
-    timings["config_checked"] = time.time()
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resuming:
         plan = read_plan(run_dir)
         done = load_checkpoint(
@@ -285,14 +279,37 @@ def run_experiment(
             f"fedvision: run directory {run_dir}",
             file=sys.stderr,
         )
-    timings["data_ready"] = time.time()
-    (run_dir / C.RUN_STATUS).unlink(missing_ok=True)
+
+
+def run_experiment(
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    resume_changes: dict[str, tuple[Any, Any]] | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Prepare ``run_dir`` (unless resuming), run it on the configured runtime; return its summary.
+
+    ``resume_changes`` marks a resumed run: its files stay as they are, the changed keys are
+    appended to ``resumes.jsonl``, and the server continues from ``checkpoint_latest.pt``.
+    """
+    timings = {"start": time.time(), **(timings or {})}
+    runtime = check_config(cfg)
+    timings["config_checked"] = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runtime.start(verbose=bool(cfg.verbose))  # Ray's workers warm up while the data is prepared
+    timings["runtime_started"] = time.time()
     try:
+        _prepare_run_dir(cfg, run_dir, runtime, resume_changes)
+        timings["data_ready"] = time.time()
+        (run_dir / C.RUN_STATUS).unlink(missing_ok=True)
         runtime.launch(run_dir, int(cfg.num_clients), verbose=bool(cfg.verbose))
     except Exception:
         # The ServerApp says why it stopped in status.json; Flower wraps the exception.
         if (status := read_status(run_dir)) is None or status["status"] != "failed":
             raise
+    finally:
+        runtime.stop()
     status = read_status(run_dir)
     if status is None:
         if getattr(runtime, "name", "") == "prepare_only":
@@ -336,11 +353,8 @@ def _process_start() -> float:
     """Wall-clock time this process started (Linux; else now), for the start-up breakdown."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime")
-        )
+        # /proc/stat's boot time has whole-second resolution; the boot clock gives it exactly.
+        boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
         return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.time()

@@ -34,13 +34,14 @@ samples / seconds on both sides; the ratio is federation / plain.
 
 Start-up runs from this script's launch of the command to round 1's start, split with the
 timestamps in ``summary.json``: import (Python, torch, flwr, hydra: until the Hydra task begins),
-data (config check, the dataset generated on first use or its decoded cache reused, partition,
-initial weights), Ray + Flower set-up (until the ServerApp begins; Flower starts the ServerApp's
-thread first and Ray after it, so this is mostly Flower's own set-up), discovery (Ray's start, the
-actors' start, their import of the ClientApp and their answers), round-0 evaluation. "Beyond
-data" is everything from data ready to round 1's start. Milestones seen from outside (to within
-0.25 s) split discovery: a Ray daemon up, the first Ray worker process, a worker connected and
-idle, the last client actor created. The clock starts at this script's launch of the command;
+config check, Ray start (``fedvision run`` starts Ray itself before the data work and sends each
+client slot a task that imports the ClientApp, so the workers' imports overlap what follows), data
+(the dataset generated on first use or its decoded cache reused, partition, initial weights),
+Flower set-up (until the ServerApp begins), round-0 evaluation (before discovery, so that it
+overlaps the actors' start), discovery (the actors' start and their answers). "Beyond data" is
+everything from data ready to round 1's start. Milestones seen from outside (to within 0.25 s):
+a Ray daemon up, the first Ray worker process, a worker connected and idle, the last client actor
+created. The clock starts at this script's launch of the command;
 the command's own ``start`` (its process start, from /proc) should lie within a few hundredths of
 a second of it, and ``proc_start_vs_launch`` in the JSON shows by how much.
 
@@ -438,20 +439,22 @@ def startup_parts(
 ) -> dict[str, float | None]:
     """Seconds of each start-up phase, from the launch of the command to round 1's start.
 
-    Flower starts the ServerApp's thread before it starts Ray, so "ray" (data ready -> the
-    ServerApp begins) is Flower's set-up and "discovery" holds Ray's start, the actors' start
+    ``fedvision run`` starts Ray (and warms its workers) before the data work, the ServerApp
+    evaluates round 0 before it discovers the clients, and "discovery" holds the actors' start
     and their first ClientApp call. The ``after_data`` milestones, from what the watcher saw
-    (to within 0.25 s), split it: a Ray daemon (GCS, raylet) up, a Ray worker process started, a
-    worker connected and idle, the last client actor created, all clients answered.
+    (to within 0.25 s; negative: before the data was ready): a Ray daemon (GCS, raylet) up, a Ray
+    worker process started, a worker connected and idle, the last client actor created, all
+    clients answered.
     """
     t = {**timings, "launched": launched}
     spans = {
         "import": ("launched", "imported"),
-        "data": ("imported", "data_ready"),
-        "ray": ("data_ready", "server_start"),
-        "discovery": ("server_start", "clients_ready"),
-        "round0_eval": ("clients_ready", "round0_done"),
-        "to_round1": ("round0_done", "first_round_start"),
+        "ray": ("config_checked", "runtime_started"),
+        "data": ("runtime_started", "data_ready"),
+        "flower": ("data_ready", "server_start"),
+        "round0_eval": ("server_start", "round0_done"),
+        "discovery": ("round0_done", "clients_ready"),
+        "to_round1": ("clients_ready", "first_round_start"),
         "total": ("launched", "first_round_start"),
         "beyond_data": ("data_ready", "first_round_start"),
     }
@@ -574,15 +577,17 @@ def main() -> None:
         ),
         ("start-up to round 1", sec(start["total"])),
         ("  import (launch -> Hydra task)", sec(start["import"])),
-        ("  data (config, data, partition)", sec(start["data"])),
-        ("  Ray start + Flower set-up", sec(start["ray"])),
-        ("  client discovery (Ray, actors)", sec(start["discovery"])),
+        ("  config check", sec(start["config_check"])),
+        ("  Ray start (workers warm up after)", sec(start["ray"])),
+        ("  data (data, partition, weights)", sec(start["data"])),
+        ("  Flower set-up", sec(start["flower"])),
+        ("  round-0 evaluation", sec(start["round0_eval"])),
+        ("  client discovery (actors, imports)", sec(start["discovery"])),
         ("    after data: Ray daemons up", _sec_or_na(start["after_data_daemon"])),
         ("    after data: first worker", _sec_or_na(start["after_data_worker"])),
         ("    after data: a worker idle", _sec_or_na(start["after_data_idle_worker"])),
         ("    after data: actors created", _sec_or_na(start["after_data_actors"])),
         ("    after data: clients answered", sec(start["after_data_clients_ready"])),
-        ("  round-0 evaluation", sec(start["round0_eval"])),
         ("  other", sec(start["to_round1"])),
         ("beyond data (goal <= 5 s)", sec(start["beyond_data"])),
         ("round 1, last round", f"{sec(records[0]['round_s'])}, {records[-1]['round_s']:.2f} s"),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -116,8 +119,9 @@ def test_two_clients_two_rounds_learn_and_fill_the_run_directory(reference_run):
     assert summary["best_round"] == best["round"]
     assert summary["test_accuracy_at_best_val"] == best["test_accuracy"]
     timings = summary["timings"]
-    assert timings["start"] <= timings["data_ready"] <= timings["server_start"]
-    assert timings["clients_ready"] <= timings["round0_done"] <= timings["first_round_start"]
+    assert timings["start"] <= timings["runtime_started"] <= timings["data_ready"]
+    assert timings["data_ready"] <= timings["server_start"] <= timings["round0_done"]
+    assert timings["round0_done"] <= timings["clients_ready"] <= timings["first_round_start"]
     for name in (
         C.RUN_CONFIG,
         C.RUN_VERSIONS,
@@ -190,6 +194,68 @@ def test_resumed_fedadam_run_ends_with_the_metrics_and_weights_of_an_uninterrupt
     assert (run_dir / ".hydra").exists() == hydra_before
     resumes = [json.loads(x) for x in (run_dir / C.RUN_RESUMES).read_text().splitlines()]
     assert resumes == [{"after_round": 1, "changes": {}, "time": resumes[0]["time"]}]
+    assert _no_ray_or_flower_left()
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (from /proc, children first found by their parent)."""
+    tree, frontier = [root], [root]
+    while frontier:
+        out = subprocess.run(
+            ["pgrep", "-P", ",".join(map(str, frontier))], capture_output=True, text=True
+        ).stdout.split()
+        frontier = [int(p) for p in out]
+        tree += frontier
+    return tree
+
+
+def _stop_local_superlink(flwr_home: Path) -> None:
+    """Stop the detached SuperLink `flwr run` started for FLWR_HOME, with its children and Ray."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"{flwr_home}/local-superlink"], capture_output=True, text=True
+    ).stdout.split()
+    pids = [p for root in found for p in _process_tree(int(root))]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        time.sleep(1.0)
+
+
+def test_flwr_run_runs_the_same_apps_to_the_same_metrics(dataset, reference_run, tmp_path):
+    """`flwr run .` with a local simulation, on a directory prepared by runtime=prepare_only."""
+    from fedvision.runtime.simulation import APP_DIR
+
+    run_dir = tmp_path / "flwr-run"
+    extra = {"runtime": "prepare_only", "runtime.client_device": "cpu"}
+    cfg = compose_config(overrides(dataset, **extra))
+    assert run_experiment(cfg, run_dir) == {"prepared": str(run_dir)}
+    flwr_home = Path(os.environ["FLWR_HOME"])
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        done = subprocess.run(
+            [
+                str(bin_dir / "flwr"), "run", str(APP_DIR), "local", "--stream",
+                "--run-config", f"run-dir='{run_dir}'",
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0",
+            ],
+            env=env, capture_output=True, text=True, timeout=420,
+        )  # fmt: skip
+    finally:
+        _stop_local_superlink(flwr_home)
+    assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished", done.stdout
+    got, want = read_metrics(run_dir), read_metrics(reference_run[0])
+    assert [r["round"] for r in got] == [0, 1, 2]
+    keys = ("test_accuracy", "test_loss", "val_accuracy", "client_val_accuracy", "train_loss")
+    for g, w in zip(got, want, strict=True):
+        for key in (*keys, "clients"):
+            assert g.get(key) == w.get(key), (key, g, w)  # exactly, on the CPU
     assert _no_ray_or_flower_left()
 
 

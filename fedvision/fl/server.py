@@ -203,7 +203,12 @@ def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
 
     Writes ``status.json`` (finished, or failed with the one-line reason) whatever happens.
     """
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
     try:
+        if not load_run_config(run_dir).get("verbose", False):
+            # Flower's per-round INFO lines would break the progress line; warnings still show.
+            flwr_logger.setLevel(logging.WARNING)
         summary = _serve(grid, run_dir)
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -212,6 +217,8 @@ def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
             type=type(exc).__name__,
         )  # fmt: skip
         raise
+    finally:
+        flwr_logger.setLevel(level)
     write_status(run_dir, "finished")
     return summary
 
@@ -219,9 +226,6 @@ def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
 def _serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
     timings = {"server_start": time.time()}
     cfg = load_run_config(run_dir)
-    if not cfg.get("verbose", False):
-        # Flower's per-round INFO lines would break the progress line; its warnings still show.
-        logging.getLogger("flwr").setLevel(logging.WARNING)
     plan = read_plan(run_dir)
     num_rounds, num_classes = int(cfg["num_rounds"]), plan.num_classes
     arch, horizon = str(cfg["model"]["name"]), lr_horizon(cfg)
@@ -247,13 +251,6 @@ def _serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
         arrays, start, history = float32_arrays(initial), 0, []
     recorder = RunRecorder(run_dir, history, select_on=select_on)
 
-    node_of = discover_clients(
-        grid, int(cfg["num_clients"]), float(cfg["runtime"].get("connect_timeout_s", 120))
-    )
-    partition_of = {n: p for p, n in node_of.items()}
-    strategy.set_partitions(partition_of)
-    timings["clients_ready"] = time.time()
-
     def checkpoint(
         rnd: int, arrays: ArrayRecord, best_round: int | None, best_value: float | None
     ) -> Checkpoint:
@@ -274,6 +271,14 @@ def _serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
         if recorder.best_with()[0] == 0:  # the starting model is a candidate too
             save_checkpoint(run_dir / C.CKPT_BEST, checkpoint(0, arrays, *recorder.best_with()))
     timings["round0_done"] = time.time()
+
+    # After the round-0 evaluation: it runs while the clients' processes start.
+    node_of = discover_clients(
+        grid, int(cfg["num_clients"]), float(cfg["runtime"].get("connect_timeout_s", 120))
+    )
+    partition_of = {n: p for p, n in node_of.items()}
+    strategy.set_partitions(partition_of)
+    timings["clients_ready"] = time.time()
 
     bar = tqdm(
         total=num_rounds,

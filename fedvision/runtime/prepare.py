@@ -14,19 +14,35 @@ class PrepareOnly:
 
     name = "prepare_only"
 
-    def __init__(self, connect_timeout_s: float = 120, round_timeout_s: float = 3600) -> None:
+    def __init__(
+        self,
+        connect_timeout_s: float = 120,
+        round_timeout_s: float = 3600,
+        client_device: str = "auto",
+    ) -> None:
         # Read by the ServerApp from config.yaml; kept here so that check() sees them too.
         self.connect_timeout_s = float(connect_timeout_s)
         self.round_timeout_s = float(round_timeout_s)
+        self.device = str(client_device)
 
     def check(self) -> None:
-        """Refuse timeouts the server could not honour."""
+        """Refuse timeouts the server could not honour and devices that do not exist."""
         if self.connect_timeout_s <= 0 or self.round_timeout_s <= 0:
             raise FedvisionError("runtime.connect_timeout_s and round_timeout_s must be > 0")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise FedvisionError(
+                f"runtime.client_device={self.device!r}: use auto, cpu, cuda or cuda:N"
+            )
+
+    def start(self, *, verbose: bool = False) -> None:
+        """Nothing runs here."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
 
     def client_device(self) -> str:
-        """Clients pick CUDA when they have it (a SuperNode's node config can say otherwise)."""
-        return "auto"
+        """The device of clients whose node config names none (``auto``: CUDA when present)."""
+        return self.device
 
     def launch(self, run_dir: Path, num_clients: int, *, verbose: bool = False) -> None:
         """Print the command that runs the prepared directory."""
