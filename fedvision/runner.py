@@ -333,7 +333,9 @@ def run_experiment(
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra task: one run (or one job of a ``-m`` sweep)."""
     hc = HydraConfig.get()
-    timings = {"start": _process_start(), "imported": time.time()}
+    # A sweep runs its jobs in one process: only the first job's start-up includes the process's.
+    first_job = int(hc.job.get("num", 0) or 0) == 0
+    timings = {"start": _process_start() if first_job else time.time(), "imported": time.time()}
     try:
         if cfg.resume is not None:
             run_dir = check_resume_dir(str(cfg.resume))

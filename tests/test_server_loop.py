@@ -181,3 +181,23 @@ def test_best_checkpoint_follows_validation_and_latest_holds_the_strategy_state(
     assert latest["best_round"] == summary["best_round"]
     assert "1.momentum_vector" in latest["strategy"]  # FedAvgM's momentum buffer
     assert all(t.dtype == torch.float32 for t in latest["model"].values())
+
+
+def test_extending_a_run_keeps_its_schedule_and_records_the_change(dataset, tmp_path):
+    from fedvision.rundir import append_resume, load_run_config
+
+    run_dir = prepared(
+        dataset, tmp_path, "num_rounds=2", "client.local_steps=1", "client.batch_size=4",
+        "client.lr=0.1", "client.lr_schedule=cosine", "client.lr_min_factor=0.1",
+    )  # fmt: skip
+    serve(InlineGrid(run_dir, 2), run_dir)
+    config_before = (run_dir / C.RUN_CONFIG).read_text()
+    append_resume(run_dir, 2, {"num_rounds": (2, 3)})  # what `resume=... num_rounds=3` records
+    serve(InlineGrid(run_dir, 2), run_dir)
+    lrs = [r["lr"] for r in read_metrics(run_dir)[1:]]
+    # The horizon stays 2 rounds: 0.1, then the floor 0.01, and round 3 stays at the floor (a
+    # schedule recomputed over 3 rounds would have given round 2 lr 0.055).
+    assert lrs == pytest.approx([0.1, 0.01, 0.01])
+    assert (run_dir / C.RUN_CONFIG).read_text() == config_before
+    assert load_run_config(run_dir)["num_rounds"] == 3
+    assert torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["round"] == 3
