@@ -56,6 +56,7 @@ from fedvision.rundir import (
     read_status,
     write_plan,
 )
+from fedvision.runtime import Runtime
 
 # What a resumed run may change; everything else is the saved run's config.
 RESUMABLE_KEYS = ("num_rounds", "progress", "verbose", "device")
@@ -77,10 +78,10 @@ def package_versions() -> dict[str, str]:
 def prepare_data(data: DictConfig, *, progress: bool) -> PreparedDataset:
     """Generate (built-in only) and decode the dataset once; reuse the cache afterwards."""
     if data.root is None:
-        root = generate_dataset(progress=progress)
         subset = str(data.subset)
-        if subset not in ("source", "target", "all"):
+        if subset not in ("source", "target", "all"):  # checked before generating anything
             raise FedvisionError(f"data.subset={subset!r}: use source, target or all")
+        root = generate_dataset(progress=progress)
         class_file = {"source": C.SOURCE_CLASSES, "target": C.TARGET_CLASSES}.get(subset)
         selection = (
             None if class_file is None else ClassSelection.from_config(file=root / class_file)
@@ -104,7 +105,7 @@ def prepare_data(data: DictConfig, *, progress: bool) -> PreparedDataset:
     )
 
 
-def build_runtime(cfg: DictConfig) -> Any:
+def build_runtime(cfg: DictConfig) -> Runtime:
     """The runtime named by ``runtime._target_`` (simulation, prepare_only, ...), checked."""
     try:
         runtime = instantiate(cfg.runtime)
@@ -116,7 +117,7 @@ def build_runtime(cfg: DictConfig) -> Any:
     return runtime
 
 
-def check_config(cfg: DictConfig) -> Any:
+def check_config(cfg: DictConfig) -> Runtime:
     """Refuse impossible settings now rather than hours into a run; return the runtime.
 
     Runs before the dataset is generated or decoded and before any runtime starts.
@@ -235,7 +236,7 @@ def initial_weights(cfg: DictConfig, num_classes: int) -> dict[str, torch.Tensor
 def _prepare_run_dir(
     cfg: DictConfig,
     run_dir: Path,
-    runtime: Any,
+    runtime: Runtime,
     resume_changes: dict[str, tuple[Any, Any]] | None,
 ) -> None:
     """Write what the apps read: config, data caches, partition, initial weights, run.json.
@@ -299,10 +300,10 @@ def run_experiment(
     run_dir.mkdir(parents=True, exist_ok=True)
     runtime.start(verbose=bool(cfg.verbose))  # Ray's workers warm up while the data is prepared
     timings["runtime_started"] = time.time()
+    (run_dir / C.RUN_STATUS).unlink(missing_ok=True)  # an earlier attempt's says nothing now
     try:
         _prepare_run_dir(cfg, run_dir, runtime, resume_changes)
         timings["data_ready"] = time.time()
-        (run_dir / C.RUN_STATUS).unlink(missing_ok=True)
         runtime.launch(run_dir, int(cfg.num_clients), verbose=bool(cfg.verbose))
     except Exception:
         # The ServerApp says why it stopped in status.json; Flower wraps the exception.
@@ -312,7 +313,7 @@ def run_experiment(
         runtime.stop()
     status = read_status(run_dir)
     if status is None:
-        if getattr(runtime, "name", "") == "prepare_only":
+        if runtime.name == "prepare_only":
             return {"prepared": str(run_dir)}
         raise FedvisionError(
             f"the {runtime.name} runtime ended without a result in {run_dir}; rerun with "
