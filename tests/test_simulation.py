@@ -316,13 +316,18 @@ def test_unknown_strategy_option_names_the_choices(dataset):
 
 def test_checkpoint_for_another_number_of_classes_is_refused(dataset, tmp_path):
     from fedvision.models import build_model
+    from fedvision.rundir import write_status
 
     ckpt = tmp_path / "seven.pt"
     torch.save(build_model("resnet18", 7).state_dict(), ckpt)
-    with pytest.raises(FedvisionError, match="7"):
+    # A failed earlier attempt in the same directory must not stand in for this error.
+    (tmp_path / "run").mkdir()
+    write_status(tmp_path / "run", "failed", "an old failure", user_error=True, type="X")
+    with pytest.raises(FedvisionError, match="7") as info:
         run_experiment(
             compose_config(overrides(dataset, **{"model.weights": ckpt})), tmp_path / "run"
         )
+    assert "old failure" not in str(info.value)
 
 
 def test_cli_prints_user_errors_on_one_line(dataset, capsys):
