@@ -33,6 +33,8 @@ from fedvision.fl.round_config import to_train_config
 from fedvision.models import build_model
 from fedvision.rundir import RunPlan, read_plan, run_dir_from
 
+app = ClientApp()
+
 
 @functools.lru_cache(maxsize=2)
 def _open_cache(cache_dir: str) -> DecodedCache:
@@ -103,7 +105,9 @@ def _load_global(msg: Message, node: Mapping[str, Any]) -> torch.nn.Module:
     return model
 
 
-def _train(msg: Message, context: Context) -> Message:
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on this client's partition; reply with weights and metrics."""
     node = node_settings(context)
     cache, train_idx, _ = _indices(node)
     model = _load_global(msg, node)
@@ -122,7 +126,9 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _evaluate(msg: Message, context: Context) -> Message:
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this client's local validation part."""
     node = node_settings(context)
     cache, _, val_idx = _indices(node)
     model = _load_global(msg, node)
@@ -139,7 +145,9 @@ def _evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({C.KEY_METRICS: metrics}), reply_to=msg)
 
 
-def _query(msg: Message, context: Context) -> Message:
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which partition this node holds, and prove its data opens."""
     # Answered once at start: tells the server which partition this node holds (node ids are
     # random, partition ids are not, so the server samples by partition id reproducibly) and
     # proves the node's data opens before any round starts.
@@ -153,24 +161,3 @@ def _query(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=RecordDict({C.KEY_METRICS: metrics}), reply_to=msg)
-
-
-app = ClientApp()
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the global model on this client's partition; reply with weights and metrics."""
-    return _train(msg, context)
-
-
-@app.evaluate()
-def evaluate_(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this client's local validation part."""
-    return _evaluate(msg, context)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Say which partition this node holds, and prove its data opens."""
-    return _query(msg, context)
