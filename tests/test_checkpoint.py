@@ -55,7 +55,13 @@ def _round(strategy, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
             content=RecordDict(
                 {
                     C.KEY_ARRAYS: ArrayRecord(
-                        {"w": Array((arrays["w"].numpy() + rng.normal(size=4)).astype(np.float32))}
+                        {
+                            "w": Array(
+                                (arrays["w"].numpy() + rng.normal(size=4)).astype(np.float32)
+                            ),
+                            # 0-d, like BatchNorm's counter: numpy makes results of it scalars.
+                            "n": Array(np.asarray(arrays["n"].numpy() + 1 + i, dtype=np.float32)),
+                        }
                     ),
                     C.KEY_METRICS: MetricRecord(
                         {C.KEY_NUM_EXAMPLES: 5 + i, C.KEY_TRAIN_LOSS: 0.5 + 0.1 * i}
@@ -73,7 +79,7 @@ def _round(strategy, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_a_restored_strategy_continues_like_the_uninterrupted_one(name, tmp_path):
-    start = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    start = ArrayRecord({"w": Array(np.zeros(4, np.float32)), "n": Array(np.zeros((), np.float32))})
     # Uninterrupted: rounds 1, 2, 3 on one object.
     a = _build(name)
     a1 = _round(a, 1, start)
@@ -82,7 +88,8 @@ def test_a_restored_strategy_continues_like_the_uninterrupted_one(name, tmp_path
     b = _build(name)
     b1 = _round(b, 1, start)
     ckpt = Checkpoint(
-        model={"w": torch.from_numpy(b1["w"].numpy())}, arch="x", num_classes=2, round=1,
+        model={k: torch.from_numpy(a.numpy()) for k, a in b1.items()}, arch="x", num_classes=2,
+        round=1,
         lr_horizon=3, strategy=strategy_state(b), rng=rng_state(),
     )  # fmt: skip
     save_checkpoint(tmp_path / "c.pt", ckpt)
@@ -90,12 +97,13 @@ def test_a_restored_strategy_continues_like_the_uninterrupted_one(name, tmp_path
     c = _build(name)
     restore_strategy_state(c, loaded.strategy)
     c3 = _round(c, 3, _round(c, 2, loaded.arrays()))
-    np.testing.assert_array_equal(c3["w"].numpy(), a3["w"].numpy())
+    for key in ("w", "n"):
+        np.testing.assert_array_equal(c3[key].numpy(), a3[key].numpy())
 
 
 def test_state_names_what_a_server_optimiser_keeps():
     s = _build("fedadam")
-    _round(s, 1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}))
+    _round(s, 1, ArrayRecord({"w": Array(np.zeros(4, np.float32)), "n": Array(np.zeros(()))}))
     state = strategy_state(s)
     assert {"1.m_t", "1.v_t"} <= set(state) and "1.current_arrays" not in state
     with pytest.raises(FedvisionError, match="FedAdam"):

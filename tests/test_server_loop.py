@@ -181,6 +181,14 @@ def test_best_checkpoint_follows_validation_and_latest_holds_the_strategy_state(
     assert latest["best_round"] == summary["best_round"]
     assert "1.momentum_vector" in latest["strategy"]  # FedAvgM's momentum buffer
     assert all(t.dtype == torch.float32 for t in latest["model"].values())
+    # A run's checkpoint is a model checkpoint too (shapes kept: BatchNorm's counter stays 0-d).
+    from fedvision.models import build_model
+
+    reference = build_model("resnet18", 2).state_dict()
+    assert {k: t.shape for k, t in latest["model"].items()} == {
+        k: t.shape for k, t in reference.items()
+    }
+    build_model("resnet18", 2, weights=str(run_dir / C.CKPT_BEST))
 
 
 def test_extending_a_run_keeps_its_schedule_and_records_the_change(dataset, tmp_path):

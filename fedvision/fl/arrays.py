@@ -21,4 +21,6 @@ def float32_arrays(weights: Mapping[str, torch.Tensor] | ArrayRecord) -> ArrayRe
         items = ((k, a.numpy()) for k, a in weights.items())
     else:
         items = ((k, t.detach().cpu().numpy()) for k, t in weights.items())
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in items})
+    # astype keeps 0-d arrays 0-d (ascontiguousarray would make BatchNorm's counter 1-d, and a
+    # checkpoint then no longer fits the model it came from).
+    return ArrayRecord({k: Array(np.asarray(v).astype(np.float32, copy=False)) for k, v in items})

@@ -64,13 +64,20 @@ def strategy_chain(strategy: Strategy) -> list[Strategy]:
     return chain
 
 
+def _is_array(value: Any) -> bool:
+    # Strategies compute on 0-d arrays too (BatchNorm's counter), and numpy turns those results
+    # into scalars (np.float32): both are state.
+    return isinstance(value, np.ndarray | np.generic)
+
+
 def _encode(value: Any) -> dict[str, Any] | None:
     if isinstance(value, ArrayRecord):
         return {"kind": "arrayrecord", "value": value.to_torch_state_dict()}
-    if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
-        return {"kind": "ndarray_dict", "value": {k: torch.from_numpy(v) for k, v in value.items()}}
-    if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
-        return {"kind": "ndarray_list", "value": [torch.from_numpy(v) for v in value]}
+    if isinstance(value, dict) and value and all(_is_array(v) for v in value.values()):
+        value = {k: torch.from_numpy(np.asarray(v)) for k, v in value.items()}
+        return {"kind": "ndarray_dict", "value": value}
+    if isinstance(value, list) and value and all(_is_array(v) for v in value):
+        return {"kind": "ndarray_list", "value": [torch.from_numpy(np.asarray(v)) for v in value]}
     return None
 
 
