@@ -99,6 +99,14 @@ def _partition(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _report(ns: argparse.Namespace) -> int:
+    from fedvision.report.table import write_report
+
+    print(write_report(ns.dirs, ns.out, target=ns.target), end="")
+    print(f"wrote {ns.out}/report.md, report.csv, report.png", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedvision`` command."""
     p = argparse.ArgumentParser(
@@ -108,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fedvision {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a federated experiment (Hydra overrides)", description=RUN_HELP)
+
+    rep = sub.add_parser(
+        "report",
+        help="tables and a plot over run and sweep directories (mean ± std over seeds)",
+        description="Group the runs under DIR... by their settings (all but the seed) and write "
+        "a markdown table, a CSV and a plot of test accuracy per round: per group the mean and "
+        "standard deviation over seeds of final test accuracy, test accuracy at the best "
+        "validation round, rounds to reach --target, bytes moved and wall time. Failed or "
+        "unfinished runs are listed, never averaged.",
+    )
+    rep.add_argument("dirs", nargs="+", type=Path, help="run directories or sweep directories")
+    rep.add_argument("--out", type=Path, default=Path("report"), help="output folder (report)")
+    rep.add_argument("--target", type=float, default=0.5, help="test accuracy to reach (0.5)")
+    rep.set_defaults(handler=_report)
 
     data = sub.add_parser("data", help="generate, check, prepare and partition datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)

@@ -25,6 +25,11 @@ RUN_CURVES = "curves.png"
 CKPT_LATEST = "checkpoint_latest.pt"
 CKPT_BEST = "checkpoint_best.pt"
 
+# --- fedvision report ---------------------------------------------------------------------------
+REPORT_MD = "report.md"
+REPORT_CSV = "report.csv"
+REPORT_PLOT = "report.png"
+
 # --- Flower run config (the same key for `fedvision run` and `flwr run --run-config`) ---------
 RUN_DIR_KEY = "run-dir"
 

@@ -1,0 +1,84 @@
+"""``fedvision report``: grouping, mean ± std over seeds (hand-checked), failed runs left out."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from fedvision import constants as C
+from fedvision.cli import main
+from fedvision.report.table import rounds_to_target
+from fedvision.rundir import write_status
+
+
+def fake_run(path, *, seed, alpha, accs, best, status="finished", wall=10.0):
+    """A run directory as the server leaves it: config, metrics per round, summary, status."""
+    path.mkdir(parents=True)
+    cfg = {"seed": seed, "progress": False, "partition": {"alpha": alpha, "seed": seed}}
+    (path / C.RUN_CONFIG).write_text(yaml.safe_dump(cfg))
+    (path / C.RUN_METRICS).write_text(
+        "".join(json.dumps({"round": r, "test_accuracy": a}) + "\n" for r, a in enumerate(accs))
+    )
+    if status == "finished":
+        summary = {
+            "test_accuracy_final": accs[-1],
+            "test_accuracy_at_best_val": best,
+            "wall_s": wall,
+            "bytes_down": 1e9,
+            "bytes_up": 1e9,
+        }
+        (path / C.RUN_SUMMARY).write_text(json.dumps(summary))
+        write_status(path, "finished")
+    elif status == "failed":
+        write_status(path, "failed", "every client failed")
+    # Hydra's own record must not be taken for a run.
+    (path / ".hydra").mkdir()
+    (path / ".hydra" / C.RUN_CONFIG).write_text(yaml.safe_dump({"seed": 99}))
+
+
+def test_report_groups_by_settings_and_averages_over_seeds(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "0", seed=0, alpha=0.5, accs=[0.1, 0.4, 0.6], best=0.6, wall=10)
+    fake_run(sweep / "1", seed=1, alpha=0.5, accs=[0.1, 0.5, 0.7], best=0.5, wall=20)
+    fake_run(sweep / "2", seed=2, alpha=0.5, accs=[0.1, 0.3, 0.5], best=0.4, wall=30)
+    fake_run(sweep / "3", seed=0, alpha=0.1, accs=[0.1, 0.2], best=0.2, wall=5)
+    fake_run(sweep / "4", seed=1, alpha=0.1, accs=[0.1], best=None, status="failed")
+    out = tmp_path / "rep"
+    assert main(["report", str(sweep), "--out", str(out), "--target", "0.5"]) == 0
+    rows = {r["group"]: r for r in csv.DictReader((out / C.REPORT_CSV).open())}
+    assert set(rows) == {"partition.alpha=0.1", "partition.alpha=0.5"}
+    a = rows["partition.alpha=0.5"]
+    # Final: (0.6 + 0.7 + 0.5) / 3 = 0.6; sample std sqrt(((0)^2 + 0.1^2 + 0.1^2) / 2) = 0.1.
+    assert float(a["test_accuracy_final_mean"]) == pytest.approx(0.6)
+    assert float(a["test_accuracy_final_std"]) == pytest.approx(0.1)
+    # At best validation: (0.6 + 0.5 + 0.4) / 3 = 0.5, std 0.1.
+    assert float(a["test_accuracy_at_best_val_mean"]) == pytest.approx(0.5)
+    assert float(a["test_accuracy_at_best_val_std"]) == pytest.approx(0.1)
+    # Rounds to 0.5: run 0 -> 2, run 1 -> 1, run 2 -> 2: mean 5/3, all three reached it.
+    assert float(a["rounds_to_target_mean"]) == pytest.approx(5 / 3)
+    assert int(a["reached_target"]) == 3 and int(a["runs"]) == 3
+    assert float(a["wall_s_mean"]) == pytest.approx(20.0)
+    assert float(a["bytes_mean"]) == pytest.approx(2e9)
+    # The failed run is listed, not averaged: one run in its group.
+    b = rows["partition.alpha=0.1"]
+    assert (int(b["runs"]), int(b["not_finished"])) == (1, 1)
+    assert (
+        float(b["test_accuracy_final_mean"]) == pytest.approx(0.2)
+        and b["test_accuracy_final_std"] == ""
+    )
+    text = (out / C.REPORT_MD).read_text()
+    assert "0.600 ± 0.100" in text and "failed (every client failed)" in text
+    assert (out / C.REPORT_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounds_to_target_is_the_first_round_that_reaches_it():
+    records = [{"round": 0, "test_accuracy": 0.1}, {"round": 1}, {"round": 2, "test_accuracy": 0.5}]
+    assert rounds_to_target(records, 0.5) == 2 and rounds_to_target(records, 0.6) is None
+
+
+def test_report_of_a_folder_without_runs_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no fedvision run directory" in capsys.readouterr().err
