@@ -1,4 +1,4 @@
-"""The ``fedvision`` command: ``run`` (Hydra) and ``data generate|check|prepare|partition``.
+"""The ``fedvision`` command: ``run`` (Hydra), ``report`` and the ``data`` commands.
 
 Orchestration only; each handler calls one layer and prints what it returns.
 """
