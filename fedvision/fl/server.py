@@ -203,13 +203,15 @@ def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
 
     Writes ``status.json`` (finished, or failed with the one-line reason) whatever happens.
     """
+    started = time.time()
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     try:
-        if not load_run_config(run_dir).get("verbose", False):
+        cfg = load_run_config(run_dir)
+        if not cfg.get("verbose", False):
             # Flower's per-round INFO lines would break the progress line; warnings still show.
             flwr_logger.setLevel(logging.WARNING)
-        summary = _serve(grid, run_dir)
+        summary = _serve(grid, run_dir, cfg, started)
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         write_status(
@@ -223,9 +225,8 @@ def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
-    timings = {"server_start": time.time()}
-    cfg = load_run_config(run_dir)
+def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> dict[str, Any]:
+    timings = {"server_start": started}
     plan = read_plan(run_dir)
     num_rounds, num_classes = int(cfg["num_rounds"]), plan.num_classes
     arch, horizon = str(cfg["model"]["name"]), lr_horizon(cfg)
