@@ -66,3 +66,10 @@ DEVKIT_META = "meta.mat"
 DATASET_JSON = "fedvision_dataset.json"  # written last: its presence marks a complete tree
 SOURCE_CLASSES = "source_classes.txt"  # built-in: classes for pretraining
 TARGET_CLASSES = "target_classes.txt"  # built-in: classes for federated fine-tuning
+
+# --- partial messages and FedBN (appended; see fedvision/fl/parts.py) ---------------------------
+KEY_LOCAL_BN = "local-bn"  # round config: FedBN, BatchNorm layers stay with each client
+KEY_BASE_FINGERPRINT = "base-fingerprint"  # round config: sha256 of the entries never sent
+KEY_NEW_BN = "new-bn"  # train reply metric: 1 when this client's BatchNorm started from the base
+NODE_INITIAL_WEIGHTS = "initial-weights"  # node config: the run's initial_weights.pt
+STATE_LOCAL_BN = "fedvision-local-bn"  # Context.state record: this client's own BatchNorm

@@ -44,6 +44,7 @@ from fedvision.data.partition import (
 )
 from fedvision.errors import FedvisionError
 from fedvision.fl.checkpoint import load_checkpoint
+from fedvision.fl.parts import check_local_bn
 from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.server import check_strategy
 from fedvision.models import build_model, list_architectures
@@ -136,6 +137,7 @@ def check_config(cfg: DictConfig) -> Runtime:
         build_model(str(cfg.model.name), 2)  # raises the error with close names
     if cfg.model.finetune not in ("full", "head", "last_k"):
         raise FedvisionError(f"model.finetune={cfg.model.finetune!r}: use full, head or last_k")
+    check_local_bn(plain)  # FedBN: a model with BatchNorm that trains, clients that evaluate
     horizon = lr_horizon(plain)
     if horizon < 1:
         raise FedvisionError(f"client.lr_horizon={horizon} must be >= 1")

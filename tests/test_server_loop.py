@@ -96,13 +96,22 @@ class InlineGrid:
             for p in range(num_nodes)
         }
         self.sent: list[int] = []
+        # (message, reply, the node's FedBN state after it) for every exchange, in order.
+        self.log: list[tuple[Message, Message, dict[str, torch.Tensor] | None]] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
     def send_and_receive(self, messages, timeout):
         self.sent += [m.metadata.dst_node_id for m in messages]
-        return [clientapp.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+        replies = []
+        for m in messages:
+            ctx = self.contexts[m.metadata.dst_node_id]
+            reply = clientapp.app(m, ctx)
+            own = ctx.state.get(C.STATE_LOCAL_BN)
+            self.log.append((m, reply, None if own is None else own.to_torch_state_dict()))
+            replies.append(reply)
+        return replies
 
 
 def test_a_failed_client_is_counted_reported_and_left_out(dataset, tmp_path, capsys):
@@ -209,3 +218,201 @@ def test_extending_a_run_keeps_its_schedule_and_records_the_change(dataset, tmp_
     assert (run_dir / C.RUN_CONFIG).read_text() == config_before
     assert load_run_config(run_dir)["num_rounds"] == 3
     assert torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["round"] == 3
+
+
+# --- partial messages (finetune=head/last_k) and FedBN --------------------------------------------
+
+NPY_HEADER = 128  # np.save's header for these shapes: Flower counts it in ArrayRecord.count_bytes
+
+
+def _message_bytes(state: dict[str, torch.Tensor], keys) -> int:
+    """What one float32 ArrayRecord of ``keys`` weighs as Flower counts it."""
+    return sum(NPY_HEADER + 4 * state[k].numel() + len(k) for k in keys)
+
+
+def _pretrained(path, num_classes: int = 2) -> dict[str, torch.Tensor]:
+    """A stand-in for a pretrained checkpoint: other weights, non-trivial BatchNorm statistics."""
+    from fedvision.models import build_model
+
+    torch.manual_seed(123)
+    state = build_model("resnet18", num_classes).state_dict()
+    for k, t in state.items():
+        if k.endswith("running_mean"):
+            t.normal_()
+        elif k.endswith("running_var"):
+            t.uniform_(0.5, 2.0)
+        elif k.endswith("num_batches_tracked"):
+            t.fill_(1000)
+    torch.save(state, path)
+    return state
+
+
+def _train_exchanges(grid: InlineGrid, rnd: int | None = None):
+    return [
+        (m, r, own)
+        for m, r, own in grid.log
+        if m.metadata.message_type == "train"
+        and (rnd is None or m.content[C.KEY_CONFIG][C.KEY_SERVER_ROUND] == rnd)
+    ]
+
+
+# resnet18 with 2 classes. head: fc (2 x 512 + 2). last_k=1: layer4's convs (3x3 256->512,
+# three 3x3 512->512, the 1x1 256->512 shortcut), its 5 BatchNorm layers (weight, bias, running
+# mean and var of 512 each, plus a counter; they train, so their statistics travel) and fc.
+LAYER4_CONVS = 512 * 256 * 9 + 3 * 512 * 512 * 9 + 512 * 256
+HAND = {
+    "head": (("fc.",), 2 * 512 + 2, 2),
+    "last_k": (("layer4.", "fc."), LAYER4_CONVS + 5 * (4 * 512 + 1) + 2 * 512 + 2, 30 + 2),
+}
+
+
+@pytest.mark.parametrize("finetune", ["head", "last_k"])
+def test_a_frozen_backbone_is_never_sent_and_stays_bit_identical(dataset, tmp_path, finetune):
+    ckpt = tmp_path / "pretrained.pt"
+    pretrained = _pretrained(ckpt)
+    run_dir = prepared(
+        dataset, tmp_path / "run", "num_rounds=3", f"model.finetune={finetune}", "model.last_k=1",
+        f"model.weights={ckpt}", "client.local_steps=2", "client.batch_size=4",
+    )  # fmt: skip
+    grid = InlineGrid(run_dir, 2)
+    serve(grid, run_dir)
+    prefixes, floats, num_arrays = HAND[finetune]
+    assert LAYER4_CONVS == 8_388_608
+    sent = [k for k in pretrained if k.startswith(prefixes)]
+    assert len(sent) == num_arrays
+    assert sum(pretrained[k].numel() for k in sent) == floats  # the hand count above
+    frozen = [k for k in pretrained if k not in sent]
+
+    # Both directions carry exactly the trained part, every round.
+    exchanges = _train_exchanges(grid)
+    assert len(exchanges) == 3 * 2
+    for m, reply, _ in exchanges:
+        assert list(m.content[C.KEY_ARRAYS].keys()) == sent
+        assert list(reply.content[C.KEY_ARRAYS].keys()) == sent
+    per_client = 4 * floats + NPY_HEADER * num_arrays + sum(len(k) for k in sent)
+    full = _message_bytes(pretrained, pretrained)
+    for r in read_metrics(run_dir)[1:]:
+        assert r["bytes_down"] == r["bytes_up"] == 2 * per_client
+        assert full - per_client == _message_bytes(pretrained, frozen)  # the saving per client
+
+    # The server's global model and a client's trained model keep the pretrained backbone.
+    initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
+    latest = torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["model"]
+    client_model = clientapp._model("resnet18", 2, finetune, 1, "cpu").state_dict()
+    for k in frozen:
+        assert torch.equal(initial[k], pretrained[k]), k
+        assert torch.equal(latest[k].to(initial[k].dtype), initial[k]), k
+        assert torch.equal(client_model[k], initial[k]), k
+    assert not torch.equal(latest["fc.weight"], initial["fc.weight"])  # the head did train
+    # The checkpoint is the whole model: central evaluation and checkpoints see everything.
+    assert list(latest) == list(pretrained)
+
+
+def test_full_finetuning_still_sends_the_whole_model(dataset, tmp_path):
+    run_dir = prepared(dataset, tmp_path, "client.local_steps=1", "client.batch_size=4")
+    grid = InlineGrid(run_dir, 2)
+    serve(grid, run_dir)
+    initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
+    for m, reply, _ in _train_exchanges(grid):
+        assert list(m.content[C.KEY_ARRAYS].keys()) == list(initial)
+        assert list(reply.content[C.KEY_ARRAYS].keys()) == list(initial)
+        assert m.content[C.KEY_CONFIG][C.KEY_BASE_FINGERPRINT] == ""  # no base needed
+    record = read_metrics(run_dir)[1]
+    assert record["bytes_down"] == record["bytes_up"] == 2 * _message_bytes(initial, initial)
+
+
+def test_a_client_with_another_base_fails_with_one_clear_line(dataset, tmp_path):
+    run_dir = prepared(dataset, tmp_path / "run", "model.finetune=head")
+    other = tmp_path / "other.pt"
+    _pretrained(other)
+    grid = InlineGrid(run_dir, 2)
+    for ctx in grid.contexts.values():
+        ctx.node_config[C.NODE_INITIAL_WEIGHTS] = str(other)
+    with pytest.raises(FedvisionError, match=r"do not match the server's") as info:
+        serve(grid, run_dir)
+    assert "\n" not in str(info.value) and "initial_weights.pt" in str(info.value)
+    # Without any base, the client says how to give it one.
+    for ctx in grid.contexts.values():
+        ctx.node_config[C.NODE_INITIAL_WEIGHTS] = str(tmp_path / "missing.pt")
+    with pytest.raises(FedvisionError, match=r"--node-config \"initial-weights="):
+        serve(grid, run_dir)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "finetune"), [("fedavg", "full"), ("fedprox", "full"), ("fedavg", "last_k")]
+)
+def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(
+    dataset, tmp_path, strategy, finetune
+):
+    from fedvision.engine import train_local
+    from fedvision.fl.round_config import to_train_config
+    from fedvision.models import batchnorm_keys, build_model, split_parts
+
+    run_dir = prepared(
+        dataset, tmp_path, "num_clients=3", "num_rounds=2", f"strategy={strategy}",
+        "client.local_bn=true", "strategy.fraction_evaluate=1.0", "strategy.min_evaluate_nodes=1",
+        "partition.val_fraction=0.3", f"model.finetune={finetune}", "model.last_k=1",
+        "client.local_steps=1", "client.batch_size=4", "client.augment=none",
+    )  # fmt: skip
+    grid = InlineGrid(run_dir, 3)
+    summary = serve(grid, run_dir)
+    model = build_model("resnet18", 2, finetune=finetune, last_k=1)
+    parts = split_parts(model, local_bn=True)
+    bn = set(batchnorm_keys(model))
+    assert parts.shared and parts.local and set(parts.local) <= bn
+
+    # No BatchNorm entry travels, in either direction, in training or evaluation.
+    kinds = [m.metadata.message_type for m, _, _ in grid.log]
+    assert kinds.count("train") == kinds.count("evaluate") == 2 * 3
+    for m, reply, _ in grid.log:
+        for msg in (m, reply):
+            for record in msg.content.array_records.values():
+                assert not bn & set(record.keys())
+        if m.metadata.message_type == "train":
+            assert list(m.content[C.KEY_ARRAYS].keys()) == list(parts.shared)
+            assert list(reply.content[C.KEY_ARRAYS].keys()) == list(parts.shared)
+            if strategy == "fedprox":
+                assert m.content[C.KEY_CONFIG][C.KEY_PROXIMAL_MU] == pytest.approx(0.01)
+
+    # The global shared weights are the example-weighted mean of round 2's replies; everything
+    # that is not shared (BatchNorm, a frozen backbone) is still the initial model.
+    initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
+    latest = torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["model"]
+    last = _train_exchanges(grid, 2)
+    sizes = [int(r.content[C.KEY_METRICS][C.KEY_NUM_EXAMPLES]) for _, r, _ in last]
+    for k in parts.shared:
+        mean = sum(
+            n * r.content[C.KEY_ARRAYS][k].numpy().astype("float64")
+            for n, (_, r, _) in zip(sizes, last, strict=True)
+        ) / sum(sizes)
+        torch.testing.assert_close(latest[k], torch.from_numpy(mean).float(), rtol=1e-5, atol=1e-6)
+    for k in parts.unsent:
+        assert torch.equal(latest[k].to(initial[k].dtype), initial[k]), k
+
+    # Each client's BatchNorm continues from its own round-1 state: one step a round moves the
+    # counters 0 -> 1 -> 2, and replaying round 2 from the client's own round-1 BatchNorm gives
+    # its stored statistics exactly (from the initial ones it would not).
+    counters = [k for k in parts.local if k.endswith("num_batches_tracked")]
+    first = {m.metadata.dst_node_id: own for m, _, own in _train_exchanges(grid, 1)}
+    for m, _, own in last:
+        node = m.metadata.dst_node_id
+        assert all(int(first[node][k]) == 1 and int(own[k]) == 2 for k in counters)
+        ctx = grid.contexts[node]
+        cache, train_idx, _ = clientapp._indices(clientapp.node_settings(ctx))
+        cfg = to_train_config(m.content[C.KEY_CONFIG], int(ctx.node_config[C.KEY_PARTITION_ID]))
+        for start, should_match in ((first[node], True), (initial, False)):
+            replica = build_model("resnet18", 2, finetune=finetune, last_k=1)
+            state = {**initial, **m.content[C.KEY_ARRAYS].to_torch_state_dict()}
+            state.update({k: start[k] for k in parts.local})
+            replica.load_state_dict(state)
+            train_local(replica, cache.images, cache.labels, train_idx, cfg, "cpu")
+            after = replica.state_dict()
+            same = all(torch.equal(after[k], own[k]) for k in parts.local)
+            assert same == should_match, (node, should_match)
+
+    records = read_metrics(run_dir)
+    assert [r["clients_new_bn"] for r in records[1:]] == [3, 0]
+    assert all(0.0 <= r["client_val_accuracy"] <= 1.0 for r in records[1:])
+    assert summary["selection"] == "client_val_accuracy" and summary["local_bn"] is True
+    best = max(records[1:], key=lambda r: (r["client_val_accuracy"], -r["round"]))
+    assert summary["best_round"] == best["round"]

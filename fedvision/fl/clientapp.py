@@ -7,8 +7,15 @@ node config leaves out comes from the run directory that the Flower run config n
 (``run-dir``), which is how every simulated client finds the shared cache and partition.
 
 No training loop lives here (that is ``fedvision.engine``). What a client needs across rounds (the
-decoded cache view, its partition, a built model) is kept by ``functools.lru_cache`` in the worker
-process, so a round moves only weights and config.
+decoded cache view, its partition, a built model, the run's initial weights) is kept by
+``functools.lru_cache`` in the worker process, so a round moves only weights and config.
+
+Messages carry only the ``shared`` part of the model (``fedvision.fl.parts``): with a frozen
+backbone (``finetune=head``/``last_k``) or FedBN, the client completes the model from the run's
+initial weights (node config ``initial-weights``, else ``<run-dir>/initial_weights.pt``), after
+checking them against the server's fingerprint. Under FedBN a client's own BatchNorm lives in its
+Flower ``Context.state``, which Flower keeps per node for the whole run (the simulation engine
+and a SuperNode alike): the worker's caches are shared by the clients it serves, the Context is not.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvision import constants as C
@@ -30,7 +37,7 @@ from fedvision.engine import evaluate, resolve_device, train_local
 from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import float32_arrays
 from fedvision.fl.round_config import to_train_config
-from fedvision.models import build_model
+from fedvision.models import ModelParts, build_model, fingerprint, split_parts
 from fedvision.rundir import RunPlan, read_plan, run_dir_from
 
 app = ClientApp()
@@ -49,9 +56,39 @@ def _open_partition(partition_file: str) -> Partition:
 
 @functools.lru_cache(maxsize=1)
 def _model(name: str, num_classes: int, finetune: str, last_k: int, device: str) -> torch.nn.Module:
-    # One model per worker, reused by every client it serves: FedAvg/FedProx clients are
-    # stateless, so each round simply overwrites the weights with the global ones.
+    # One model per worker, reused by every client it serves: each message overwrites every
+    # weight (received, base or the client's own), so nothing leaks from one client to the next.
     return build_model(name, num_classes, finetune=finetune, last_k=last_k).to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def _parts(
+    name: str, num_classes: int, finetune: str, last_k: int, device: str, local_bn: bool
+) -> ModelParts:
+    return split_parts(_model(name, num_classes, finetune, last_k, device), local_bn=local_bn)
+
+
+@functools.lru_cache(maxsize=1)
+def _base(path: str, stamp: tuple[int, int]) -> dict[str, torch.Tensor]:
+    # `stamp` (mtime, size) makes a rewritten file a new cache entry.
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise FedvisionError(f"cannot read initial weights {path}: {exc}".splitlines()[0]) from exc
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a run checkpoint
+        obj = obj["model"]
+    return dict(obj)
+
+
+@functools.lru_cache(maxsize=2)
+def _base_fingerprint(path: str, stamp: tuple[int, int], keys: tuple[str, ...]) -> str:
+    base = _base(path, stamp)
+    missing = [k for k in keys if k not in base]
+    if missing:
+        raise FedvisionError(
+            f"initial weights {path} lack {', '.join(missing[:3])}: not this run's model"
+        )
+    return fingerprint(base, keys)
 
 
 @functools.lru_cache(maxsize=2)
@@ -70,6 +107,8 @@ def node_settings(context: Context) -> dict[str, Any]:
         node.setdefault(C.NODE_CACHE_DIR, plan.train_cache)
         node.setdefault(C.NODE_PARTITION_FILE, plan.partition_file)
         node.setdefault(C.NODE_DEVICE, plan.client_device)
+    if C.NODE_INITIAL_WEIGHTS not in node and C.RUN_DIR_KEY in context.run_config:
+        node[C.NODE_INITIAL_WEIGHTS] = str(run_dir_from(context.run_config) / C.RUN_INITIAL)
     for key in (C.KEY_PARTITION_ID, C.NODE_CACHE_DIR, C.NODE_PARTITION_FILE):
         if key not in node:
             raise FedvisionError(
@@ -91,18 +130,77 @@ def _indices(node: Mapping[str, Any]) -> tuple[DecodedCache, np.ndarray, np.ndar
     return cache, part.train[pid], part.val[pid]
 
 
-def _load_global(msg: Message, node: Mapping[str, Any]) -> torch.nn.Module:
+def _base_weights(
+    node: Mapping[str, Any], parts: ModelParts, expected: str
+) -> dict[str, torch.Tensor]:
+    """The run's initial weights, checked against the server's fingerprint of the unsent part."""
+    path = Path(str(node.get(C.NODE_INITIAL_WEIGHTS, "")))
+    if not path.is_file():
+        raise FedvisionError(
+            f"this client needs the run's initial weights (what it is not sent), but "
+            f"{str(path) or 'none'} is no file: copy the run's {C.RUN_INITIAL} here and start the "
+            f'SuperNode with --node-config "{C.NODE_INITIAL_WEIGHTS}=/path/to/{C.RUN_INITIAL}"'
+        )
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    got = _base_fingerprint(str(path), stamp, parts.unsent)
+    if got != expected:
+        raise FedvisionError(
+            f"initial weights {path} do not match the server's (fingerprint {got[:12]}, server "
+            f"{expected[:12] or 'none'}): give this client the run's own {C.RUN_INITIAL}"
+        )
+    return _base(str(path), stamp)
+
+
+def _own_batchnorm(
+    context: Context, parts: ModelParts, base: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """FedBN: this client's BatchNorm from its Context, else the base's; and whether it is new."""
+    record = context.state.get(C.STATE_LOCAL_BN)
+    if record is None:
+        return {k: base[k] for k in parts.local}, True
+    if set(record.keys()) != set(parts.local):
+        raise FedvisionError(
+            f"this client's stored BatchNorm ({len(record)} arrays) does not fit the model's "
+            f"{len(parts.local)} local arrays; the run's model changed under the client"
+        )
+    return record.to_torch_state_dict(), False
+
+
+def _load_global(
+    msg: Message, node: Mapping[str, Any], context: Context
+) -> tuple[torch.nn.Module, ModelParts, bool]:
+    """The model of this round: received arrays, completed from the base and (FedBN) own BN.
+
+    Returns the model, its parts, and whether its BatchNorm started from the base this time.
+    """
     cfg = msg.content[C.KEY_CONFIG]
     device = resolve_device(str(node.get(C.NODE_DEVICE, "auto")))
-    model = _model(
+    key = (
         str(cfg["model-name"]),
         int(cfg["num-classes"]),
         str(cfg["model-finetune"]),
         int(cfg["model-last-k"]),
         str(device),
     )
-    model.load_state_dict(msg.content[C.KEY_ARRAYS].to_torch_state_dict())
-    return model
+    model = _model(*key)
+    parts = _parts(*key, bool(cfg.get(C.KEY_LOCAL_BN, False)))
+    received = msg.content[C.KEY_ARRAYS]
+    if set(received.keys()) != set(parts.shared):
+        raise FedvisionError(
+            f"the server sent {len(received)} arrays, but this client's {key[0]} "
+            f"(finetune={key[2]}, last_k={key[3]}) shares {len(parts.shared)}: client and server "
+            "split the model differently"
+        )
+    state = received.to_torch_state_dict()
+    new_bn = False
+    if parts.unsent:
+        base = _base_weights(node, parts, str(cfg.get(C.KEY_BASE_FINGERPRINT, "")))
+        state.update({k: base[k] for k in parts.frozen})
+        own, new_bn = _own_batchnorm(context, parts, base)
+        state.update(own)
+    model.load_state_dict(state)
+    return model, parts, new_bn
 
 
 @app.train()
@@ -110,7 +208,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the global model on this client's partition; reply with weights and metrics."""
     node = node_settings(context)
     cache, train_idx, _ = _indices(node)
-    model = _load_global(msg, node)
+    model, parts, new_bn = _load_global(msg, node, context)
     cfg = to_train_config(msg.content[C.KEY_CONFIG], int(node[C.KEY_PARTITION_ID]))
     device = next(model.parameters()).device
     result = train_local(model, cache.images, cache.labels, train_idx, cfg, device)
@@ -122,16 +220,24 @@ def train(msg: Message, context: Context) -> Message:
             C.KEY_TRAIN_SECONDS: float(result.seconds),
         }
     )
-    content = RecordDict({C.KEY_ARRAYS: float32_arrays(model.state_dict()), C.KEY_METRICS: metrics})
+    state = model.state_dict()
+    if parts.local:
+        # FedBN: the client's BatchNorm (dtypes kept) waits in its Context for its next round.
+        context.state[C.STATE_LOCAL_BN] = ArrayRecord(
+            {k: Array(state[k].detach().cpu().numpy()) for k in parts.local}
+        )
+        metrics[C.KEY_NEW_BN] = int(new_bn)
+    shared = float32_arrays({k: state[k] for k in parts.shared})
+    content = RecordDict({C.KEY_ARRAYS: shared, C.KEY_METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this client's local validation part."""
+    """Evaluate the global model (under FedBN: with this client's BatchNorm) on local validation."""
     node = node_settings(context)
     cache, _, val_idx = _indices(node)
-    model = _load_global(msg, node)
+    model, _, _ = _load_global(msg, node, context)
     device = next(model.parameters()).device
     res = evaluate(model, cache.images, cache.labels, val_idx, device=device)
     metrics = MetricRecord(

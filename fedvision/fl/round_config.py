@@ -59,6 +59,7 @@ def train_config(
         "model-name": str(model["name"]),
         "model-finetune": str(model.get("finetune", "full")),
         "model-last-k": int(model.get("last_k", 1)),
+        C.KEY_LOCAL_BN: bool(client.get("local_bn", False)),
         "num-classes": int(num_classes),
         "local-epochs": int(client["local_epochs"]),
         "local-steps": -1 if steps is None else int(steps),

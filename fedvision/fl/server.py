@@ -41,6 +41,7 @@ from fedvision.fl.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
+from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset
 from fedvision.fl.round_config import lr_horizon, train_config
 from fedvision.models import build_model
 from fedvision.report.metrics import RunRecorder, read_metrics
@@ -190,7 +191,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def selection_key(cfg: Mapping[str, Any], plan: RunPlan) -> str | None:
-    """Which validation metric picks the best round: the server's part, else the clients'."""
+    """Which validation metric picks the best round: the server's part, else the clients'.
+
+    Under FedBN the clients' own models (shared weights + their BatchNorm) are the models in use;
+    the global model's BatchNorm is the initial one, so only the clients' validation can select.
+    """
+    if local_bn(cfg):
+        return "client_val_accuracy"
     if plan.server_val_file is not None:
         return "val_accuracy"
     if float(cfg["strategy"].get("fraction_evaluate", 0.0)) > 0:
@@ -251,6 +258,16 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         initial = torch.load(run_dir / C.RUN_INITIAL, map_location="cpu", weights_only=True)
         arrays, start, history = float32_arrays(initial), 0, []
     recorder = RunRecorder(run_dir, history, select_on=select_on)
+    # The strategy sees only what training changes (and FedBN keeps BatchNorm on the clients);
+    # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
+    parts = run_parts(cfg, num_classes)
+    base_fp = base_fingerprint(arrays, parts)
+    if start > 0 and parts.local:
+        tqdm.write(
+            "fedvision: FedBN resumes with every client's BatchNorm back at the initial weights "
+            "(the clients' own BatchNorm is not in the checkpoint)",
+            file=sys.stderr,
+        )
 
     def checkpoint(
         rnd: int, arrays: ArrayRecord, best_round: int | None, best_value: float | None
@@ -294,10 +311,14 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         t0 = time.perf_counter()
         if rnd == start + 1:
             timings["first_round_start"] = time.time()
-        config = ConfigRecord(train_config(cfg, rnd, num_classes))
-        messages = list(strategy.configure_train(rnd, arrays, config, grid))
+        config = ConfigRecord(
+            {**train_config(cfg, rnd, num_classes), C.KEY_BASE_FINGERPRINT: base_fp}
+        )
+        messages = list(strategy.configure_train(rnd, subset(arrays, parts.shared), config, grid))
         pids = sorted(partition_of[m.metadata.dst_node_id] for m in messages)
-        bytes_down = arrays.count_bytes() * len(messages)
+        bytes_down = sum(
+            a.count_bytes() for m in messages for a in m.content.array_records.values()
+        )
         replies = _replies_in_partition_order(
             grid.send_and_receive(messages, timeout=timeout), partition_of
         )
@@ -317,7 +338,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
-            arrays = float32_arrays(new_arrays)
+            arrays = merge(arrays, float32_arrays(new_arrays))
         record: dict[str, Any] = {
             "round": rnd,
             "train_loss": train_metrics.get(C.KEY_TRAIN_LOSS) if train_metrics else None,
@@ -329,7 +350,14 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             "bytes_down": int(bytes_down),
             "bytes_up": int(bytes_up),
         }
-        record.update(_federated_evaluate(grid, strategy, arrays, config, rnd, timeout))
+        if parts.local:
+            # Clients whose BatchNorm started from the base this round: each client once in a
+            # run, unless the runtime lost its state (a resume, a restarted SuperNode).
+            record["clients_new_bn"] = sum(
+                int(m.content[C.KEY_METRICS].get(C.KEY_NEW_BN, 0)) for m in ok
+            )
+        shared = subset(arrays, parts.shared)
+        record.update(_federated_evaluate(grid, strategy, shared, config, rnd, timeout))
         if rnd % int(cfg["eval_every"]) == 0 or rnd == num_rounds:
             record.update(evaluator(arrays))
         best_round, best_value = recorder.best_with(record)
@@ -351,7 +379,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     return recorder.finish(
         num_rounds=num_rounds,
         wall_s=time.perf_counter() - t_start,
-        extra={"timings": timings},
+        extra={"timings": timings, **({"local_bn": True} if parts.local else {})},
     )
 
 
@@ -367,7 +395,10 @@ def _federated_evaluate(
     rnd: int,
     timeout: float,
 ) -> dict[str, Any]:
-    """Clients evaluate the global model on their local validation parts (when configured)."""
+    """Clients evaluate the global model on their local validation parts (when configured).
+
+    Under FedBN each client evaluates its own model: the shared weights with its BatchNorm.
+    """
     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
     if not messages:
         return {}

@@ -10,14 +10,26 @@ from fedvision.models.factory import (
     set_train_mode,
     trainable_parameters,
 )
+from fedvision.models.parts import (
+    ModelParts,
+    batchnorm_keys,
+    fingerprint,
+    split_parts,
+    trained_keys,
+)
 
 __all__ = [
     "FINETUNE_MODES",
+    "ModelParts",
     "apply_finetune",
+    "batchnorm_keys",
     "build_model",
     "find_head",
+    "fingerprint",
     "list_architectures",
     "model_num_bytes",
     "set_train_mode",
+    "split_parts",
     "trainable_parameters",
+    "trained_keys",
 ]

@@ -1,0 +1,98 @@
+"""What travels in a round: the shared part of the model, cut out of and merged into the whole.
+
+The server owns the whole global model (checkpoints, central evaluation). Each round it hands the
+strategy only the ``shared`` entries of :class:`~fedvision.models.ModelParts` (what local training
+changes, minus FedBN's local BatchNorm), so every Flower strategy aggregates whatever it is given,
+and merges the aggregate back. Clients complete the model from the run's initial weights, checked
+by a fingerprint of everything that is never sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from fedvision.errors import FedvisionError
+from fedvision.models import ModelParts, batchnorm_keys, build_model, fingerprint, split_parts
+
+
+def local_bn(cfg: Mapping[str, Any]) -> bool:
+    """Whether the run uses FedBN (``client.local_bn``)."""
+    return bool(cfg["client"].get("local_bn", False))
+
+
+def run_parts(cfg: Mapping[str, Any], num_classes: int) -> ModelParts:
+    """The split of the run's model (architecture, fine-tune mode, FedBN) into message parts."""
+    model = cfg["model"]
+    net = build_model(
+        str(model["name"]),
+        num_classes,
+        finetune=str(model.get("finetune", "full")),
+        last_k=int(model.get("last_k", 1)),
+    )
+    return split_parts(net, local_bn=local_bn(cfg))
+
+
+def subset(arrays: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:
+    """The entries ``keys`` of ``arrays`` (the same record when that is all of them)."""
+    keys = list(keys)
+    if keys == list(arrays.keys()):
+        return arrays
+    return ArrayRecord({k: arrays[k] for k in keys})
+
+
+def merge(whole: ArrayRecord, part: ArrayRecord) -> ArrayRecord:
+    """``whole`` with the entries of ``part`` replaced (order and the other entries kept).
+
+    Raises
+    ------
+    FedvisionError
+        ``part`` has an entry that the model does not have.
+    """
+    unknown = [k for k in part if k not in whole]
+    if unknown:
+        raise FedvisionError(
+            f"the aggregate holds arrays the model lacks ({', '.join(unknown[:3])}); the "
+            "strategy returned other keys than it was given"
+        )
+    return ArrayRecord({k: part[k] if k in part else whole[k] for k in whole})
+
+
+def base_fingerprint(arrays: ArrayRecord, parts: ModelParts) -> str:
+    """Fingerprint of the entries a client takes from its base weights ("" when there are none).
+
+    The server never changes these entries of its global model, so the value is the same every
+    round and after a resume.
+    """
+    return fingerprint({k: arrays[k].numpy() for k in parts.unsent}, parts.unsent)
+
+
+def check_local_bn(cfg: Mapping[str, Any]) -> None:
+    """Refuse FedBN settings that cannot work (before any data work).
+
+    FedBN needs BatchNorm layers that train, and it is evaluated on the clients' own models, so
+    the clients must evaluate (``strategy.fraction_evaluate > 0``).
+    """
+    if not local_bn(cfg):
+        return
+    model = cfg["model"]
+    name, finetune = str(model["name"]), str(model.get("finetune", "full"))
+    net = build_model(name, 2, finetune=finetune, last_k=int(model.get("last_k", 1)))
+    if not batchnorm_keys(net):
+        raise FedvisionError(
+            f"client.local_bn=true (FedBN) keeps BatchNorm layers local, but {name} has none; "
+            "pick a model with BatchNorm or set client.local_bn=false"
+        )
+    if not split_parts(net, local_bn=True).local:
+        raise FedvisionError(
+            f"client.local_bn=true (FedBN): no BatchNorm layer of {name} trains with "
+            f"model.finetune={finetune}; use finetune=full or last_k, or client.local_bn=false"
+        )
+    if float(cfg["strategy"].get("fraction_evaluate", 0.0)) <= 0:
+        raise FedvisionError(
+            "client.local_bn=true (FedBN) is evaluated on each client's own model (shared weights "
+            "+ its BatchNorm) on its local validation part: set strategy.fraction_evaluate > 0 "
+            "(1.0: every client)"
+        )
