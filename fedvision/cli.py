@@ -1,4 +1,4 @@
-"""The ``fedvision`` command: ``run`` (Hydra), ``report`` and the ``data`` commands.
+"""The ``fedvision`` command: ``run`` and ``pretrain`` (Hydra), ``report``, ``data`` commands.
 
 Orchestration only; each handler calls one layer and prints what it returns.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedvision import __version__
@@ -26,16 +26,37 @@ def _run(argv: Sequence[str]) -> int:
     """Hand the overrides to the Hydra task (Hydra parses --help, -m, --cfg itself)."""
     from fedvision.runner import check_resume_dir, hydra_main
 
-    args = list(argv)
-    resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if resume:
-        # Checked before Hydra runs: Hydra creates its output folder first, and a resume must
-        # neither create a wrong path nor overwrite the original run's .hydra/ record.
-        check_resume_dir(resume[-1])
-        args = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
-        args += [f"hydra.run.dir={resume[-1]}", "hydra.output_subdir=null"]
-    sys.argv = ["fedvision run", *args]
+    sys.argv = ["fedvision run", *_hydra_args(list(argv), check_resume_dir)]
     hydra_main()
+    return 0
+
+
+PRETRAIN_HELP = """\
+Centralised pretraining of a torchvision CNN (default: the built-in source classes). Takes Hydra
+overrides; `fedvision pretrain --help` lists the keys. Its checkpoint_best.pt is what
+`fedvision run model.weights=PATH` fine-tunes (the head is replaced for the target classes).
+Examples: fedvision pretrain recipe.epochs=20 recipe.optimizer=adamw recipe.lr=2e-3
+          fedvision pretrain data.root=/data/imagenet data.first_n=100 data.size=128
+          fedvision pretrain resume=outputs/pretrain/2026-11-28/10-00-00"""
+
+
+def _hydra_args(args: list[str], check: Callable[[str], Path]) -> list[str]:
+    """A resume runs in its own directory, checked before Hydra creates anything."""
+    resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if not resume:
+        return args
+    # Hydra creates its output folder first, and a resume must neither create a wrong path nor
+    # overwrite the original run's .hydra/ record.
+    check(resume[-1])
+    args = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return [*args, f"hydra.run.dir={resume[-1]}", "hydra.output_subdir=null"]
+
+
+def _pretrain(argv: Sequence[str]) -> int:
+    from fedvision.pretrain import check_pretrain_resume, hydra_pretrain
+
+    sys.argv = ["fedvision pretrain", *_hydra_args(list(argv), check_pretrain_resume)]
+    hydra_pretrain()
     return 0
 
 
@@ -107,6 +128,30 @@ def _report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(ns: argparse.Namespace) -> int:
+    from fedvision.compress import CompressSpec, compress_run, format_markdown
+
+    spec = CompressSpec(
+        prune=tuple(ns.prune or ()),
+        structured=tuple(ns.structured or ()),
+        norm=ns.norm,
+        quantize=ns.quantize,
+        finetune_epochs=ns.finetune_epochs,
+        finetune_lr=ns.finetune_lr,
+        device=ns.device,
+        calib_images=ns.calib_images,
+        repeats=ns.repeats,
+        batch=ns.batch,
+        threads=ns.threads,
+    )
+    report = compress_run(
+        ns.source, ns.out, spec, checkpoint=ns.checkpoint, run_dir=ns.run, progress=not ns.quiet
+    )
+    print(format_markdown(report), end="")
+    print(f"wrote {report['out']}: the variants, compress.md, .csv, .json", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedvision`` command."""
     p = argparse.ArgumentParser(
@@ -116,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fedvision {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a federated experiment (Hydra overrides)", description=RUN_HELP)
+    sub.add_parser(
+        "pretrain",
+        help="centralised pretraining, e.g. on the built-in source classes (Hydra overrides)",
+        description=PRETRAIN_HELP,
+    )
 
     rep = sub.add_parser(
         "report",
@@ -130,6 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=Path("report"), help="output folder (report)")
     rep.add_argument("--target", type=float, default=0.5, help="test accuracy to reach (0.5)")
     rep.set_defaults(handler=_report)
+
+    cmp = sub.add_parser(
+        "compress",
+        help="prune and int8-quantize a run's global model; size, accuracy, CPU latency table",
+        description="Compress the global model of a run (its checkpoint_best.pt, or a checkpoint "
+        "file): global unstructured magnitude pruning (--prune), L1/L2 channel pruning of every "
+        "conv layer (--structured), each optionally fine-tuned centrally afterwards, and int8 "
+        "post-training quantization (--quantize, calibrated on training images). Every variant "
+        "is saved (pruned ones load with `fedvision run model.weights=FILE`) and measured "
+        "against the uncompressed model: bytes on disk, parameters and non-zeros, test accuracy, "
+        "CPU ms per image at batch 1 and --batch.",
+    )
+    cmp.add_argument("source", type=Path, help="a run directory or a checkpoint file")
+    cmp.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="(best)")
+    cmp.add_argument("--run", type=Path, default=None, help="run of a checkpoint file (its dir)")
+    cmp.add_argument("--prune", type=float, nargs="+", metavar="S", help="e.g. 0.5 0.8")
+    cmp.add_argument("--structured", type=float, nargs="+", metavar="S", help="e.g. 0.3")
+    cmp.add_argument("--norm", type=int, choices=(1, 2), default=1, help="channel ranking (L1)")
+    cmp.add_argument("--quantize", action="store_true", help="add an int8 variant (x86, FX PTQ)")
+    cmp.add_argument("--finetune-epochs", type=int, default=0, help="after pruning (0)")
+    cmp.add_argument("--finetune-lr", type=float, default=0.01, help="(0.01)")
+    cmp.add_argument("--device", default="auto", help="fine-tune device (auto)")
+    cmp.add_argument("--calib-images", type=int, default=256, help="int8 calibration (256)")
+    cmp.add_argument("--repeats", type=int, default=20, help="timed passes per model (20)")
+    cmp.add_argument("--batch", type=int, default=64, help="the larger latency batch (64)")
+    cmp.add_argument("--threads", type=int, default=1, help="torch threads while timing (1)")
+    cmp.add_argument("--out", type=Path, default=None, help="output folder (RUN/compress)")
+    cmp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    cmp.set_defaults(handler=_compress)
 
     data = sub.add_parser("data", help="generate, check, prepare and partition datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -200,10 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedvision`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = None if argv and argv[0] == "run" else build_parser().parse_args(argv)
+    hydra_commands = {"run": _run, "pretrain": _pretrain}
+    hydra_command = hydra_commands.get(argv[0]) if argv else None
+    ns = None if hydra_command else build_parser().parse_args(argv)
     try:
-        if ns is None:
-            return _run(argv[1:])  # Hydra owns the rest of the command line
+        if hydra_command is not None:
+            return hydra_command(argv[1:])  # Hydra owns the rest of the command line
         return int(ns.handler(ns))
     except FedvisionError as exc:
         print(f"fedvision: error: {exc}", file=sys.stderr)

@@ -15,14 +15,14 @@ from fedvision.errors import FedvisionError
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose ``conf/config.yaml`` with command-line style overrides (``key=value``)."""
+def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with command-line style overrides (``key=value``)."""
     if not (CONF_DIR / "config.yaml").exists():
         raise FedvisionError(
             f"no Hydra config at {CONF_DIR}; install fedvision with pip install -e"
         )
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=list(overrides))
+            return compose(config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise FedvisionError(str(exc).strip().splitlines()[0]) from exc

@@ -17,6 +17,7 @@ RUN_RESUMES = "resumes.jsonl"  # one line per resume: after which round, which k
 RUN_PLAN = "run.json"  # what the launcher prepared: caches, partition, classes (apps read it)
 RUN_STATUS = "status.json"  # written by the ServerApp when it ends: finished or failed, and why
 RUN_INITIAL = "initial_weights.pt"  # the round-0 global model, written before the runtime starts
+RUN_WEIGHTS = "weights.json"  # where the round-0 weights came from: kept / re-initialised layers
 SERVER_VAL = "server_val.npy"  # training-set indices the server holds out for model selection
 RUN_VERSIONS = "versions.json"
 RUN_METRICS = "metrics.jsonl"

@@ -47,7 +47,7 @@ from fedvision.fl.checkpoint import load_checkpoint
 from fedvision.fl.parts import check_local_bn
 from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.server import check_strategy
-from fedvision.models import build_model, list_architectures
+from fedvision.models import LoadReport, build_model, build_model_reporting, list_architectures
 from fedvision.report.heatmap import plot_partition_heatmap
 from fedvision.rundir import (
     RunPlan,
@@ -61,6 +61,7 @@ from fedvision.runtime import Runtime
 
 # What a resumed run may change; everything else is the saved run's config.
 RESUMABLE_KEYS = ("num_rounds", "progress", "verbose", "device")
+PRETRAINED = "pretrained"  # model.weights: the built-in source-class model, made on first use
 PACKAGES = ("fedvision", "torch", "torchvision", "flwr", "ray", "numpy", "hydra-core")
 
 
@@ -137,6 +138,7 @@ def check_config(cfg: DictConfig) -> Runtime:
         build_model(str(cfg.model.name), 2)  # raises the error with close names
     if cfg.model.finetune not in ("full", "head", "last_k"):
         raise FedvisionError(f"model.finetune={cfg.model.finetune!r}: use full, head or last_k")
+    check_weights(cfg.model, cfg.data)
     check_local_bn(plain)  # FedBN: a model with BatchNorm that trains, clients that evaluate
     horizon = lr_horizon(plain)
     if horizon < 1:
@@ -221,18 +223,53 @@ def resumed_config(
     return base, changes
 
 
-def initial_weights(cfg: DictConfig, num_classes: int) -> dict[str, torch.Tensor]:
-    """The round-0 global model: the configured architecture and weights, seeded."""
-    torch.manual_seed(int(cfg.seed))  # initialisation is part of the seeded run
-    model = build_model(
+def check_weights(model: DictConfig, data: DictConfig) -> None:
+    """Refuse a ``model.weights`` that cannot load, before any data work."""
+    weights = str(model.weights)
+    if weights in ("none", "imagenet"):
+        return
+    if weights == PRETRAINED:
+        if data.root is not None:
+            raise FedvisionError(
+                "model.weights=pretrained is the model pretrained on the built-in source classes; "
+                "with data.root use model.weights=imagenet, none, or the checkpoint_best.pt of a "
+                "`fedvision pretrain` run"
+            )
+        return
+    if not Path(weights).expanduser().is_file():
+        raise FedvisionError(
+            f"model.weights={weights}: no such file; use none, imagenet, pretrained or the path "
+            "of a checkpoint (e.g. a `fedvision pretrain` run's checkpoint_best.pt)"
+        )
+
+
+def resolve_weights(cfg: DictConfig) -> str:
+    """``model.weights`` as a path for the model factory (``pretrained``: the cached model)."""
+    if str(cfg.model.weights) != PRETRAINED:
+        return str(cfg.model.weights)
+    from fedvision.pretrain import ensure_pretrained
+
+    path = ensure_pretrained(str(cfg.model.name), int(cfg.data.size), progress=bool(cfg.progress))
+    return str(path)
+
+
+def initial_weights(
+    cfg: DictConfig, num_classes: int, weights: str | None = None
+) -> tuple[dict[str, torch.Tensor], LoadReport | None]:
+    """The round-0 global model (configured architecture and weights, seeded) and its load report.
+
+    ``weights`` overrides ``cfg.model.weights`` (the resolved path of ``pretrained``).
+    """
+    torch.manual_seed(int(cfg.seed))  # initialisation (a new head too) is part of the seeded run
+    model, report = build_model_reporting(
         str(cfg.model.name),
         num_classes,
-        weights=str(cfg.model.weights),
+        weights=weights if weights is not None else str(cfg.model.weights),
         finetune=str(cfg.model.finetune),
         last_k=int(cfg.model.last_k),
-        allow_head_mismatch=bool(cfg.model.get("allow_head_mismatch", False)),
+        allow_head_mismatch=bool(cfg.model.get("allow_head_mismatch", True)),
     )
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, report
 
 
 def _prepare_run_dir(
@@ -261,7 +298,14 @@ def _prepare_run_dir(
         prepared = prepare_data(cfg.data, progress=bool(cfg.progress))
         partition = write_partition(prepared, cfg, run_dir)
         num_classes = len(prepared.classes)
-        torch.save(initial_weights(cfg, num_classes), run_dir / C.RUN_INITIAL)
+        weights = resolve_weights(cfg)
+        initial, report = initial_weights(cfg, num_classes, weights)
+        torch.save(initial, run_dir / C.RUN_INITIAL)
+        load = {"weights": str(cfg.model.weights), "resolved": weights}
+        if report is not None:
+            load.update(report.to_dict())
+            print(f"fedvision: {report.summary()}", file=sys.stderr)
+        write_json_atomic(run_dir / C.RUN_WEIGHTS, load)
         plan = RunPlan(
             num_classes=num_classes,
             train_cache=str(Path(prepared.train.path).resolve()),

@@ -17,6 +17,7 @@ from fedvision.engine import (
     resolve_device,
     snapshot_params,
     train_local,
+    warmup_cosine,
 )
 from fedvision.errors import FedvisionError
 
@@ -249,3 +250,72 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(FedvisionError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+# --- centralised training over several calls (pretraining) ------------------------------------
+
+
+def test_warmup_cosine_by_hand() -> None:
+    # warm-up 2 steps: lr/3, 2lr/3; then cosine over steps 2..5: t = 0, 1/3, 2/3, 1.
+    got = [warmup_cosine(s, 6, 2, 1.0, 0.0) for s in range(6)]
+    assert got == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.25, 0.0])
+    assert warmup_cosine(3, 4, 0, 0.2, 0.1) == pytest.approx(0.1)  # ends at lr_min
+
+
+def test_lr_at_sets_every_steps_rate() -> None:
+    images, labels = _separable()
+    indices = np.arange(64, dtype=np.int64)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, augment="none", weight_decay=0.0)
+    frozen = _tiny_cnn()
+    before = copy.deepcopy(frozen.state_dict())
+    train_local(frozen, images, labels, indices, cfg, CPU, lr_at=lambda step: 0.0)
+    # lr 0 on every step: parameters stay (BatchNorm's running statistics still move).
+    assert torch.equal(frozen[0].weight, before["0.weight"])
+    assert not torch.equal(frozen[1].running_mean, before["1.running_mean"])
+    seen: list[float] = []
+    model = _tiny_cnn()
+    train_local(model, images, labels, indices, cfg, CPU, lr_at=lambda s: seen.append(s) or 0.01)
+    assert seen == [0, 1, 2, 3]
+
+
+def test_optimizer_state_carries_momentum_between_calls() -> None:
+    images, labels = _separable()
+    indices = np.arange(64, dtype=np.int64)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, augment="none", weight_decay=0.0)
+    start = _tiny_cnn()
+    first = train_local(start, images, labels, indices, cfg, CPU, keep_optimizer_state=True)
+    assert first.optimizer_state is not None
+    buffers = [s["momentum_buffer"] for s in first.optimizer_state["state"].values()]
+    assert len(buffers) == len(list(start.parameters())) and all(b.abs().sum() > 0 for b in buffers)
+    a, b = copy.deepcopy(start), copy.deepcopy(start)
+    train_local(a, images, labels, indices, cfg, CPU, optimizer_state=first.optimizer_state)
+    train_local(b, images, labels, indices, cfg, CPU)
+    # With the carried momentum the second call moves the weights differently.
+    assert not torch.equal(a[0].weight, b[0].weight)
+    with pytest.raises(FedvisionError, match="optimiser state does not fit"):
+        train_local(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), images, labels, indices,
+                    cfg, CPU, optimizer_state=first.optimizer_state)  # fmt: skip
+
+
+def test_label_smoothing_changes_the_loss_and_is_validated() -> None:
+    images, labels = _separable()
+    indices = np.arange(64, dtype=np.int64)
+    base = TrainConfig(epochs=1, batch_size=64, lr=1e-9, augment="none")
+    plain = train_local(_tiny_cnn(), images, labels, indices, base, CPU).loss
+    smooth_cfg = TrainConfig(**{**vars(base), "label_smoothing": 0.5})
+    smooth = train_local(_tiny_cnn(), images, labels, indices, smooth_cfg, CPU).loss
+    # One step on identical logits: smoothing mixes in the uniform target's loss log(2).
+    assert smooth == pytest.approx(0.5 * plain + 0.5 * _uniform_ce(_tiny_cnn(), images), rel=1e-4)
+    with pytest.raises(FedvisionError, match="label_smoothing"):
+        TrainConfig(label_smoothing=1.0)
+
+
+def _uniform_ce(model: nn.Module, images: np.ndarray) -> float:
+    """Mean cross-entropy against the uniform target: -mean(log_softmax) over classes."""
+    from fedvision.data.transforms import build_eval_transform
+
+    model.train()
+    torch.manual_seed(0)  # the engine seeds dropout with cfg.seed (0) the same way
+    with torch.no_grad():
+        logits = model(build_eval_transform()(torch.from_numpy(images)))
+    return float(-torch.log_softmax(logits, 1).mean())

@@ -13,6 +13,7 @@ from fedvision.errors import FedvisionError
 from fedvision.models import (
     apply_finetune,
     build_model,
+    build_model_reporting,
     find_head,
     list_architectures,
     model_num_bytes,
@@ -101,7 +102,7 @@ def test_checkpoint_round_trip(tmp_path: Path, wrap: str | None) -> None:
 def test_checkpoint_with_other_num_classes_is_reported(tmp_path: Path) -> None:
     path = _save(tmp_path, build_model("resnet18", 20).state_dict())
     with pytest.raises(FedvisionError, match=r"head \(fc\) has 20 classes, this run has 10"):
-        build_model("resnet18", 10, weights=str(path))
+        build_model("resnet18", 10, weights=str(path), allow_head_mismatch=False)
 
 
 def test_allow_head_mismatch_loads_the_backbone(tmp_path: Path) -> None:
@@ -113,6 +114,22 @@ def test_allow_head_mismatch_loads_the_backbone(tmp_path: Path) -> None:
     assert torch.equal(dst.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
     assert torch.equal(dst.bn1.running_var, src.bn1.running_var)
     assert dst.fc.weight.shape == (10, 512)
+
+
+def test_load_report_names_kept_and_reinitialised_layers(tmp_path: Path) -> None:
+    src = build_model("resnet18", 20)
+    path = _save(tmp_path, {"model": src.state_dict(), "arch": "resnet18"})
+    _, report = build_model_reporting("resnet18", 10, weights=str(path))
+    assert report is not None
+    assert report.reinitialised == ("fc.weight", "fc.bias")
+    assert len(report.kept) == len(src.state_dict()) - 2 and "bn1.running_mean" in report.kept
+    line = report.summary()
+    assert "kept conv1, bn1, layer1, layer2, layer3, layer4 (" in line
+    assert "re-initialised fc.weight, fc.bias (the checkpoint's head has 20 classes" in line
+    # Same number of classes: everything kept, nothing re-initialised.
+    _, same = build_model_reporting("resnet18", 20, weights=str(path))
+    assert same is not None and same.reinitialised == () and "re-initialised" not in same.summary()
+    assert build_model_reporting("resnet18", 20)[1] is None
 
 
 def test_backbone_shape_mismatch_names_layer_and_shapes(tmp_path: Path) -> None:

@@ -325,7 +325,10 @@ def test_checkpoint_for_another_number_of_classes_is_refused(dataset, tmp_path):
     write_status(tmp_path / "run", "failed", "an old failure", user_error=True, type="X")
     with pytest.raises(FedvisionError, match="7") as info:
         run_experiment(
-            compose_config(overrides(dataset, **{"model.weights": ckpt})), tmp_path / "run"
+            compose_config(
+                overrides(dataset, **{"model.weights": ckpt, "model.allow_head_mismatch": False})
+            ),
+            tmp_path / "run",
         )
     assert "old failure" not in str(info.value)
 

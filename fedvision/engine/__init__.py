@@ -8,7 +8,9 @@ from fedvision.engine.train import (
     TrainConfig,
     TrainResult,
     evaluate,
+    steps_per_epoch,
     train_local,
+    warmup_cosine,
 )
 
 __all__ = [
@@ -20,5 +22,7 @@ __all__ = [
     "proximal_term",
     "resolve_device",
     "snapshot_params",
+    "steps_per_epoch",
     "train_local",
+    "warmup_cosine",
 ]

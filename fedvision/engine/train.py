@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from fedvision.engine.objectives import proximal_term
 from fedvision.errors import FedvisionError
 from fedvision.models import set_train_mode, trainable_parameters
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 
 @dataclass
@@ -40,8 +40,11 @@ class TrainConfig:
         Cap on local optimiser steps (``None`` or 0: no cap); with ``epochs=0`` it alone sets
         the amount of work.
     batch_size, lr, optimizer, momentum, weight_decay
-        Optimiser settings; ``optimizer`` is ``sgd`` (with momentum) or ``adam``. A fresh
-        optimiser is built every call, as FedAvg/FedProx clients do.
+        Optimiser settings; ``optimizer`` is ``sgd`` (with momentum), ``adam`` or ``adamw``
+        (decoupled weight decay). A fresh optimiser is built every call, as FedAvg/FedProx
+        clients do, unless :func:`train_local` is given the state of a previous call.
+    label_smoothing
+        Cross-entropy label smoothing in [0, 1).
     proximal_mu
         FedProx coefficient; 0 = plain FedAvg local training.
     augment
@@ -67,6 +70,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     image_size: int | None = None
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_steps == 0:
@@ -90,6 +94,8 @@ class TrainConfig:
             problems.append("momentum, weight_decay and proximal_mu must be >= 0")
         if self.augment not in PRESETS:
             problems.append(f"augment must be one of {', '.join(PRESETS)} (got {self.augment!r})")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
         if self.image_size is not None and self.image_size < 1:
             problems.append(f"image_size must be >= 1 (got {self.image_size})")
         if problems:
@@ -160,6 +166,7 @@ class TrainResult:
     steps: int
     samples_seen: int
     seconds: float
+    optimizer_state: dict[str, Any] | None = None
 
 
 @dataclass
@@ -188,7 +195,8 @@ def _split(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [np.sort(b) for b in batches]
 
 
-def _steps_per_epoch(n: int, batch_size: int) -> int:
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps of one epoch over ``n`` samples (a trailing batch of one is folded in)."""
     steps = math.ceil(n / batch_size)
     return steps - 1 if steps > 1 and n % batch_size == 1 else steps
 
@@ -215,7 +223,21 @@ def _load(
 def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, lr: float, lr_min: float) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up over ``warmup`` steps, then cosine.
+
+    The warm-up ramps from ``lr / (warmup + 1)`` to ``lr``; the cosine then falls from ``lr`` to
+    ``lr_min`` at the last step (``total - 1``), the usual recipe for training from scratch.
+    """
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    t = min((step - warmup) / max(total - warmup - 1, 1), 1.0)
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t))
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -233,6 +255,9 @@ def train_local(
     device: torch.device | str,
     *,
     progress: bool = False,
+    optimizer_state: dict[str, Any] | None = None,
+    keep_optimizer_state: bool = False,
+    lr_at: Callable[[int], float] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the samples ``indices`` of a decoded cache.
 
@@ -252,6 +277,15 @@ def train_local(
         Where to train (a ``torch.device`` or a string for :func:`resolve_device`).
     progress
         Show a tqdm bar over steps on stderr.
+    optimizer_state
+        A previous call's ``TrainResult.optimizer_state`` to continue from (momentum, Adam
+        moments), as centralised training over several calls needs; ``None``: a fresh optimiser.
+    keep_optimizer_state
+        Return the optimiser's state in the result (a copy on the CPU).
+    lr_at
+        Learning rate of each step of this call (0-based), e.g. a slice of
+        :func:`warmup_cosine` when centralised training calls once per epoch; ``None``: the
+        constant ``cfg.lr`` (federated clients: the server sets each round's rate).
 
     Returns
     -------
@@ -280,8 +314,16 @@ def train_local(
     use_prox = cfg.proximal_mu > 0
     global_params = [p.detach().clone() for p in params] if use_prox else []
     optimizer = _make_optimizer(params, cfg)
+    if optimizer_state is not None:
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as exc:
+            raise FedvisionError(
+                f"the saved optimiser state does not fit this model/optimiser ({exc}); "
+                "was it saved with another optimizer or finetune mode?"
+            ) from exc
 
-    total = _steps_per_epoch(n, cfg.batch_size) * cfg.epochs if cfg.epochs >= 1 else math.inf
+    total = steps_per_epoch(n, cfg.batch_size) * cfg.epochs if cfg.epochs >= 1 else math.inf
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     total = int(total)
@@ -309,12 +351,15 @@ def train_local(
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 objective = (
                     loss + proximal_term(params, global_params, cfg.proximal_mu)
                     if use_prox
                     else loss
                 )
+                if lr_at is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(step)
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 optimizer.step()
@@ -332,7 +377,19 @@ def train_local(
         steps=step,
         samples_seen=seen,
         seconds=time.perf_counter() - start,
+        optimizer_state=_cpu_state(optimizer.state_dict()) if keep_optimizer_state else None,
     )
+
+
+def _cpu_state(state: Any) -> Any:
+    """A deep copy of an optimiser state dict with every tensor on the CPU (checkpointable)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_state(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_cpu_state(v) for v in state)
+    return state
 
 
 def evaluate(

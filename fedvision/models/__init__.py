@@ -2,8 +2,10 @@
 
 from fedvision.models.factory import (
     FINETUNE_MODES,
+    LoadReport,
     apply_finetune,
     build_model,
+    build_model_reporting,
     find_head,
     list_architectures,
     model_num_bytes,
@@ -20,10 +22,12 @@ from fedvision.models.parts import (
 
 __all__ = [
     "FINETUNE_MODES",
+    "LoadReport",
     "ModelParts",
     "apply_finetune",
     "batchnorm_keys",
     "build_model",
+    "build_model_reporting",
     "find_head",
     "fingerprint",
     "list_architectures",

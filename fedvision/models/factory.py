@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -133,9 +134,46 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading a checkpoint did: which tensors it kept and which it re-initialised."""
+
+    path: str
+    kept: tuple[str, ...]
+    reinitialised: tuple[str, ...]
+    checkpoint_classes: int
+    num_classes: int
+
+    def summary(self) -> str:
+        """One line for the console, e.g. ``kept conv1, bn1, layer1-4 (120 tensors); ...``."""
+        line = f"loaded {self.path}: kept {_layers(self.kept)} ({len(self.kept)} tensors)"
+        if self.reinitialised:
+            line += (
+                f"; re-initialised {', '.join(self.reinitialised)} (the checkpoint's head has "
+                f"{self.checkpoint_classes} classes, this model {self.num_classes})"
+            )
+        return line
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (written into the run directory)."""
+        return {
+            "path": self.path,
+            "kept": list(self.kept),
+            "reinitialised": list(self.reinitialised),
+            "checkpoint_classes": self.checkpoint_classes,
+            "num_classes": self.num_classes,
+        }
+
+
+def _layers(keys: tuple[str, ...]) -> str:
+    """Top-level module names of ``keys`` in order, e.g. ``conv1, bn1, layer1, ..., layer4``."""
+    tops = list(dict.fromkeys(k.split(".", 1)[0] for k in keys))
+    return ", ".join(tops) if len(tops) <= 8 else f"{', '.join(tops[:4])}, ..., {tops[-1]}"
+
+
 def _load_checkpoint(
     model: nn.Module, path: Path, num_classes: int, allow_head_mismatch: bool
-) -> None:
+) -> LoadReport:
     state = _read_checkpoint(path)
     own = model.state_dict()
     head_name, _ = find_head(model)
@@ -163,9 +201,17 @@ def _load_checkpoint(
             "allow_head_mismatch=True (config model.allow_head_mismatch=true) so that everything "
             "but the head is loaded and a new head is trained"
         )
+    ckpt_classes = state[f"{head_name}.weight"].shape[0]
     if head_mismatch:
         state = {k: v for k, v in state.items() if k not in head_keys}
     model.load_state_dict(state, strict=not head_mismatch)
+    return LoadReport(
+        path=str(path),
+        kept=tuple(k for k in own if k in state),
+        reinitialised=tuple(k for k in own if k not in state),
+        checkpoint_classes=int(ckpt_classes),
+        num_classes=num_classes,
+    )
 
 
 def _blocks(model: nn.Module, head_name: str) -> list[tuple[str, nn.Module]]:
@@ -237,7 +283,7 @@ def build_model(
     weights: str = "none",
     finetune: str = "full",
     last_k: int = 1,
-    allow_head_mismatch: bool = False,
+    allow_head_mismatch: bool = True,
 ) -> nn.Module:
     """Build a torchvision classifier with a ``num_classes`` head.
 
@@ -258,12 +304,36 @@ def build_model(
         Number of trailing blocks trained in ``last_k`` mode.
     allow_head_mismatch
         Load a checkpoint whose head has another number of classes: everything but the head is
-        loaded and the head keeps its fresh initialisation (transfer learning).
+        loaded and the head keeps its fresh initialisation (transfer learning). ``False``
+        refuses such a checkpoint.
 
     Returns
     -------
     nn.Module
         The model on the CPU, in train mode, with ``requires_grad`` set for ``finetune``.
+    """
+    return build_model_reporting(
+        name,
+        num_classes,
+        weights=weights,
+        finetune=finetune,
+        last_k=last_k,
+        allow_head_mismatch=allow_head_mismatch,
+    )[0]
+
+
+def build_model_reporting(
+    name: str,
+    num_classes: int,
+    *,
+    weights: str = "none",
+    finetune: str = "full",
+    last_k: int = 1,
+    allow_head_mismatch: bool = True,
+) -> tuple[nn.Module, LoadReport | None]:
+    """:func:`build_model`, also returning what a checkpoint load kept and re-initialised.
+
+    The report is ``None`` unless ``weights`` is a checkpoint path.
     """
     _check_name(name)
     if num_classes < 1:
@@ -273,6 +343,7 @@ def build_model(
             f"unknown finetune mode {finetune!r}; choose one of {', '.join(FINETUNE_MODES)}"
         )
     extra = {"aux_logits": False} if name in _AUX_LOGITS else {}
+    report = None
     if weights == "imagenet":
         model = _build_imagenet(name, num_classes, extra)
     else:
@@ -280,9 +351,11 @@ def build_model(
         if _head_classes(find_head(model)[1]) != num_classes:
             _replace_head(model, num_classes)
         if weights != "none":
-            _load_checkpoint(model, Path(weights).expanduser(), num_classes, allow_head_mismatch)
+            report = _load_checkpoint(
+                model, Path(weights).expanduser(), num_classes, allow_head_mismatch
+            )
     apply_finetune(model, finetune, last_k)
-    return model.train()
+    return model.train(), report
 
 
 def set_train_mode(model: nn.Module) -> nn.Module:

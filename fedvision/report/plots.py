@@ -11,7 +11,9 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt
 
 
-def plot_curves(records: Sequence[dict], path: Path, *, title: str = "") -> Path:
+def plot_curves(
+    records: Sequence[dict], path: Path, *, title: str = "", x_label: str = "round"
+) -> Path:
     """Plot accuracy (validation and test) and loss per round from ``metrics.jsonl`` records.
 
     Parameters
@@ -21,6 +23,7 @@ def plot_curves(records: Sequence[dict], path: Path, *, title: str = "") -> Path
         ``train_loss``.
     path : where the PNG goes.
     title : figure title (e.g. the experiment name).
+    x_label : what ``round`` counts (``epoch`` for centralised pretraining).
     """
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     curves = (
@@ -38,8 +41,8 @@ def plot_curves(records: Sequence[dict], path: Path, *, title: str = "") -> Path
     trained = [(r["round"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     if trained:
         ax_loss.plot(*zip(*trained, strict=True), marker="x", label="train (clients, weighted)")
-    ax_acc.set(xlabel="round", ylabel="accuracy", title="global model accuracy", ylim=(0, 1))
-    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel=x_label, ylabel="accuracy", title="model accuracy", ylim=(0, 1))
+    ax_loss.set(xlabel=x_label, ylabel="cross-entropy", title="loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -1,0 +1,389 @@
+"""``fedvision pretrain``: centralised training of a torchvision CNN, the recipe's first step.
+
+Trains on the built-in dataset's source classes (or any ImageFolder / ImageNet tree, through the
+same ``data`` group and decoded cache as ``fedvision run``) with the engine's ``train_local``,
+one call per epoch carrying its slice of a warm-up + cosine schedule and the optimiser state, so
+there is no second training loop. The run directory holds ``config.yaml``, ``metrics.jsonl``
+(one line per epoch), ``curves.png``, ``checkpoint_latest.pt`` (for ``resume=``),
+``checkpoint_best.pt`` (best validation accuracy; what ``fedvision run model.weights=`` takes),
+``summary.json`` and ``status.json``.
+
+:func:`ensure_pretrained` makes the default run's starting model: this recipe at its defaults,
+cached under ``$FEDVISION_HOME/pretrained`` by a key of everything that determines it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fedvision import constants as C
+from fedvision.atomic import write_json_atomic
+from fedvision.config import CONF_DIR, compose_config
+from fedvision.data.cache import DecodedCache
+from fedvision.data.partition import holdout_split
+from fedvision.engine import (
+    TrainConfig,
+    evaluate,
+    resolve_device,
+    steps_per_epoch,
+    train_local,
+    warmup_cosine,
+)
+from fedvision.errors import FedvisionError
+from fedvision.models import build_model, list_architectures
+from fedvision.paths import fedvision_home
+from fedvision.report.plots import plot_curves
+from fedvision.rundir import read_status, write_status
+
+# Bump when the training procedure changes what a recipe produces (invalidates cached models).
+PRETRAIN_VERSION = 1
+# Settings that change how a pretraining run is shown or where it runs, not the model it makes.
+_NOT_IN_KEY = ("progress", "device", "resume", "eval_batch_size")
+
+
+def recipe_train_config(cfg: DictConfig, epoch: int = 0) -> TrainConfig:
+    """The engine's config for one epoch of the recipe (validates the recipe's values)."""
+    r = cfg.recipe
+    return TrainConfig(
+        epochs=1,
+        batch_size=int(r.batch_size),
+        lr=float(r.lr),
+        optimizer=str(r.optimizer),
+        momentum=float(r.momentum),
+        weight_decay=float(r.weight_decay),
+        augment=str(r.augment),
+        label_smoothing=float(r.label_smoothing),
+        seed=int(cfg.seed) * 100_003 + epoch,
+    )
+
+
+def check_pretrain_config(cfg: DictConfig) -> None:
+    """Refuse impossible recipe values before any data work."""
+    r = cfg.recipe
+    if str(r.optimizer) not in ("sgd", "adamw"):
+        raise FedvisionError(f"recipe.optimizer={r.optimizer!r}: use sgd or adamw")
+    recipe_train_config(cfg)
+    if int(r.epochs) < 1:
+        raise FedvisionError(f"recipe.epochs={r.epochs} must be >= 1")
+    if not 0 <= float(r.warmup_epochs) < int(r.epochs):
+        raise FedvisionError(
+            f"recipe.warmup_epochs={r.warmup_epochs} must lie in [0, recipe.epochs={r.epochs})"
+        )
+    if not 0 <= float(r.lr_min_factor) <= 1:
+        raise FedvisionError(f"recipe.lr_min_factor={r.lr_min_factor} must lie in [0, 1]")
+    if not 0 < float(cfg.val_fraction) < 1:
+        raise FedvisionError(f"val_fraction={cfg.val_fraction} must lie in (0, 1)")
+    if int(cfg.eval_batch_size) < 1:
+        raise FedvisionError(f"eval_batch_size={cfg.eval_batch_size} must be >= 1")
+    if int(cfg.data.size) < 8:
+        raise FedvisionError(f"data.size={cfg.data.size} must be >= 8 pixels")
+    if str(cfg.model.name) not in list_architectures():
+        build_model(str(cfg.model.name), 2)  # raises the error with close names
+    if str(cfg.model.weights) == "pretrained":
+        raise FedvisionError(
+            "model.weights=pretrained names this command's own output; pretrain from none, "
+            "imagenet or a checkpoint path"
+        )
+
+
+def _splits(cfg: DictConfig) -> tuple[DecodedCache, np.ndarray, DecodedCache, np.ndarray]:
+    """Training and validation (cache, indices): the dataset's val split, or a held-out share."""
+    from fedvision.runner import prepare_data  # the run's data preparation, shared
+
+    prepared = prepare_data(cfg.data, progress=bool(cfg.progress))
+    train = prepared.train
+    if prepared.val is not None and len(prepared.val):
+        return train, np.arange(len(train)), prepared.val, np.arange(len(prepared.val))
+    held, rest = holdout_split(train.labels, float(cfg.val_fraction), int(cfg.seed))
+    return train, rest, train, held
+
+
+def _lr_at(cfg: DictConfig, epoch: int, steps: int) -> Any:
+    r = cfg.recipe
+    total, warmup = int(r.epochs) * steps, round(float(r.warmup_epochs) * steps)
+    lr, lr_min = float(r.lr), float(r.lr) * float(r.lr_min_factor)
+    return lambda s: warmup_cosine(epoch * steps + s, total, warmup, lr, lr_min)
+
+
+def _best_payload(cfg: DictConfig, model: torch.nn.Module, classes: list[str], **meta: Any) -> dict:
+    # {"model": state_dict} is what fedvision.models.build_model(weights=path) reads.
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "arch": str(cfg.model.name),
+        "num_classes": len(classes),
+        "classes": classes,
+        "image_size": int(cfg.data.size),
+        "kind": "fedvision-pretrain",
+        **meta,
+    }
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run_pretrain(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+    """Pretrain into ``run_dir`` (or continue it); return the summary.
+
+    Parameters
+    ----------
+    cfg
+        A composed ``conf/pretrain.yaml``.
+    run_dir
+        The run directory; with ``resume`` it must hold ``checkpoint_latest.pt``.
+    resume
+        Continue from the latest checkpoint: weights, optimiser state, epoch, best so far.
+    """
+    start = time.time()
+    check_pretrain_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / C.RUN_STATUS).unlink(missing_ok=True)
+    try:
+        summary = _pretrain(cfg, run_dir, resume, start)
+    except FedvisionError as exc:
+        write_status(run_dir, "failed", str(exc), user_error=True)
+        raise
+    except BaseException as exc:
+        write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}", type=type(exc).__name__)
+        raise
+    write_status(run_dir, "finished")
+    return summary
+
+
+def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dict[str, Any]:
+    if not resume:
+        (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    train, train_idx, val, val_idx = _splits(cfg)
+    classes = list(train.class_names)
+    device = resolve_device(str(cfg.device))
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(
+        str(cfg.model.name),
+        len(classes),
+        weights=str(cfg.model.weights),
+        finetune=str(cfg.model.finetune),
+        last_k=int(cfg.model.last_k),
+        allow_head_mismatch=bool(cfg.model.get("allow_head_mismatch", True)),
+    )
+    epochs = int(cfg.recipe.epochs)
+    steps = steps_per_epoch(len(train_idx), int(cfg.recipe.batch_size))
+    first, opt_state, best = 0, None, {"epoch": None, "val_accuracy": -1.0}
+    records: list[dict[str, Any]] = []
+    if resume:
+        ckpt = _load_latest(run_dir, str(cfg.model.name))
+        model.load_state_dict(ckpt["model"])
+        first, opt_state, best = ckpt["epoch"] + 1, ckpt["optimizer"], ckpt["best"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        records = [r for r in _read_jsonl(run_dir / C.RUN_METRICS) if r["epoch"] <= ckpt["epoch"]]
+        _write_jsonl(run_dir / C.RUN_METRICS, records)
+    elapsed0 = records[-1]["elapsed_s"] if records else 0.0
+    for epoch in range(first, epochs):
+        t0 = time.perf_counter()
+        res = train_local(
+            model,
+            train.images,
+            train.labels,
+            train_idx,
+            recipe_train_config(cfg, epoch),
+            device,
+            optimizer_state=opt_state,
+            keep_optimizer_state=True,
+            lr_at=_lr_at(cfg, epoch, steps),
+        )
+        opt_state = res.optimizer_state
+        ev = evaluate(
+            model, val.images, val.labels, val_idx, batch_size=int(cfg.eval_batch_size),
+            device=device,
+        )  # fmt: skip
+        elapsed0 += time.perf_counter() - t0
+        rec = {
+            "epoch": epoch,
+            "train_loss": res.loss,
+            "train_accuracy": res.accuracy,
+            "val_loss": ev.loss,
+            "val_accuracy": ev.accuracy,
+            "lr_end": _lr_at(cfg, epoch, steps)(steps - 1),
+            "epoch_s": round(time.perf_counter() - t0, 3),
+            "elapsed_s": round(elapsed0, 3),
+        }
+        records.append(rec)
+        improved = ev.accuracy > best["val_accuracy"]
+        if improved:
+            best = {"epoch": epoch, "val_accuracy": ev.accuracy}
+            _save(
+                run_dir / C.CKPT_BEST,
+                _best_payload(cfg, model, classes, epoch=epoch, val_accuracy=ev.accuracy),
+            )
+        _save(
+            run_dir / C.CKPT_LATEST,
+            {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt_state,
+                "epoch": epoch,
+                "best": best,
+                "torch_rng": torch.get_rng_state(),
+                "arch": str(cfg.model.name),
+                "kind": "fedvision-pretrain-latest",
+            },
+        )
+        # The metrics line goes in after the checkpoint it describes is in place.
+        with (run_dir / C.RUN_METRICS).open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if cfg.progress:
+            print(
+                f"pretrain {epoch + 1}/{epochs}: train loss {res.loss:.3f}, val accuracy "
+                f"{ev.accuracy:.3f} (best {best['val_accuracy']:.3f}), {rec['epoch_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    plot_curves(
+        [{**r, "round": r["epoch"] + 1} for r in records],
+        run_dir / C.RUN_CURVES,
+        title=f"pretrain {cfg.model.name} ({len(classes)} classes)",
+        x_label="epoch",
+    )
+    summary = {
+        "arch": str(cfg.model.name),
+        "num_classes": len(classes),
+        "epochs": epochs,
+        "best_epoch": best["epoch"],
+        "val_accuracy_best": best["val_accuracy"],
+        "val_accuracy_final": records[-1]["val_accuracy"],
+        "train_images": len(train_idx),
+        "val_images": len(val_idx),
+        "train_s": records[-1]["elapsed_s"],
+        "wall_s": round(time.time() - start, 2),
+        "checkpoint": str((run_dir / C.CKPT_BEST).resolve()),
+    }
+    write_json_atomic(run_dir / C.RUN_SUMMARY, summary)
+    return summary
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _load_latest(run_dir: Path, arch: str) -> dict[str, Any]:
+    path = run_dir / C.CKPT_LATEST
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise FedvisionError(f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "fedvision-pretrain-latest":
+        raise FedvisionError(f"{path} is not a fedvision pretrain checkpoint")
+    if ckpt["arch"] != arch:
+        raise FedvisionError(f"{path} holds a {ckpt['arch']}, this config a {arch}")
+    return ckpt
+
+
+def check_pretrain_resume(path: str) -> Path:
+    """The directory ``resume=`` names, if it holds a pretraining run that can continue."""
+    run_dir = Path(path).expanduser()
+    missing = [n for n in (C.RUN_CONFIG, C.CKPT_LATEST) if not (run_dir / n).is_file()]
+    if missing:
+        raise FedvisionError(
+            f"resume={path}: no {', '.join(missing)} there; point resume at the directory of a "
+            "pretraining run that finished at least one epoch"
+        )
+    return run_dir
+
+
+# --- the default run's pretrained model -----------------------------------------------------------
+
+
+def pretrained_key(cfg: DictConfig, dataset_fingerprint: str) -> str:
+    """Hash of what determines a pretrained model: recipe, model, data options, dataset files."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in _NOT_IN_KEY:
+        plain.pop(key, None)
+    plain["data"].pop("workers", None)
+    blob = {"version": PRETRAIN_VERSION, "config": plain, "dataset": dataset_fingerprint}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_pretrain_config(arch: str, size: int, *, progress: bool = True) -> DictConfig:
+    """``conf/pretrain.yaml`` at its defaults for ``arch`` at ``size`` px (the fixed recipe)."""
+    return compose_config(
+        [f"model.name={arch}", f"data.size={size}", f"progress={str(progress).lower()}"],
+        config_name="pretrain",
+    )
+
+
+def ensure_pretrained(arch: str, size: int, *, progress: bool = True) -> Path:
+    """The cached pretrained model for ``arch`` at ``size`` px; made (once) if missing.
+
+    Returns the path of its ``checkpoint_best.pt`` under
+    ``$FEDVISION_HOME/pretrained/<arch>-<size>px-<key>/``. The key covers the recipe, the model
+    and data options and the source dataset's fingerprint, so a change to any of them makes a
+    new model instead of reusing a stale one.
+    """
+    from fedvision.runner import prepare_data
+
+    cfg = default_pretrain_config(arch, size, progress=progress)
+    check_pretrain_config(cfg)
+    # Decoding is needed anyway to pretrain, and gives the dataset's fingerprint for the key.
+    prepared = prepare_data(cfg.data, progress=progress)
+    fp = "|".join(str(c.meta.get("fingerprint")) for c in prepared.splits().values())
+    out = fedvision_home() / "pretrained" / f"{arch}-{size}px-{pretrained_key(cfg, fp)}"
+    if (out / C.CKPT_BEST).is_file() and (out / C.RUN_SUMMARY).is_file():
+        return out / C.CKPT_BEST
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"fedvision: pretraining {arch} at {size} px on the built-in source classes (first run "
+        f"only; cached in {out})",
+        file=sys.stderr,
+        flush=True,
+    )
+    summary = run_pretrain(cfg, tmp)
+    if out.exists():  # another process made it meanwhile: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    print(
+        f"fedvision: pretrained {arch}: source-class validation accuracy "
+        f"{summary['val_accuracy_best']:.3f} after {summary['epochs']} epochs "
+        f"({summary['train_s']:.0f} s)",
+        file=sys.stderr,
+    )
+    return out / C.CKPT_BEST
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base="1.3")
+def hydra_pretrain(cfg: DictConfig) -> float | None:
+    """Hydra task of ``fedvision pretrain`` (one run or one job of a ``-m`` sweep)."""
+    try:
+        if cfg.resume is not None:
+            run_dir = check_pretrain_resume(str(cfg.resume))
+            saved = OmegaConf.load(run_dir / C.RUN_CONFIG)
+            saved.progress, saved.device = cfg.progress, cfg.device
+            summary = run_pretrain(saved, run_dir, resume=True)
+        else:
+            summary = run_pretrain(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except FedvisionError as exc:
+        print(f"fedvision: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    status = read_status(Path(summary["checkpoint"]).parent)
+    print(json.dumps({**summary, "status": status["status"] if status else None}))
+    return summary["val_accuracy_best"]

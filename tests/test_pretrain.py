@@ -1,0 +1,199 @@
+"""``fedvision pretrain``: the run directory, resume, the checkpoint a run fine-tunes, the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedvision import constants as C
+from fedvision import pretrain as P
+from fedvision.cli import main as cli_main
+from fedvision.config import compose_config
+from fedvision.data.generate import generate_dataset
+from fedvision.errors import FedvisionError
+from fedvision.models import build_model_reporting
+from fedvision.runner import run_experiment
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """3 source + 4 target classes, 40 train / 10 val images each, 32 px."""
+    return generate_dataset(
+        tmp_path_factory.mktemp("data") / "gen",
+        num_classes=7,
+        num_source=3,
+        train_per_class=40,
+        val_per_class=10,
+        size=32,
+        workers=1,
+        progress=False,
+    )
+
+
+def source(dataset: Path, **extra) -> list[str]:
+    base = {
+        "data.root": str(dataset),
+        "data.classes_file": str(dataset / C.SOURCE_CLASSES),
+        "data.size": 32,
+        "data.workers": 1,
+        "model.name": "resnet18",
+        "recipe.epochs": 3,
+        "recipe.batch_size": 32,
+        "recipe.lr": 0.05,
+        "progress": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _pretrain_cfg(dataset: Path, **extra):
+    return compose_config(source(dataset, **extra), config_name="pretrain")
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pre")
+    return run_dir, P.run_pretrain(_pretrain_cfg(dataset), run_dir)
+
+
+def test_pretraining_fills_its_run_directory_and_keeps_the_best_epoch(pretrained):
+    run_dir, summary = pretrained
+    for name in (C.RUN_CONFIG, C.RUN_CURVES, C.CKPT_LATEST, C.CKPT_BEST, C.RUN_SUMMARY):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / C.RUN_METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    accs = [r["val_accuracy"] for r in records]
+    best_epoch = accs.index(max(accs))  # the first epoch reaching the maximum
+    assert summary["best_epoch"] == best_epoch and summary["val_accuracy_best"] == max(accs)
+    best = torch.load(run_dir / C.CKPT_BEST, weights_only=True)
+    assert best["epoch"] == best_epoch and best["num_classes"] == 3
+    # The cosine ends at lr * lr_min_factor = 0 on the last step.
+    assert records[-1]["lr_end"] == pytest.approx(0.0, abs=1e-12)
+    assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished"
+    # The dataset's val split (10 per class), not a share of train, is the validation set.
+    assert summary["val_images"] == 30 and summary["train_images"] == 120
+
+
+def test_a_run_fine_tunes_the_checkpoint_with_a_new_head_and_says_so(
+    dataset, pretrained, tmp_path
+):
+    run_dir, _ = pretrained
+    ckpt = run_dir / C.CKPT_BEST
+    model, report = build_model_reporting("resnet18", 3 + 2, weights=str(ckpt))
+    assert report is not None and report.reinitialised == ("fc.weight", "fc.bias")
+    src = _state(ckpt)
+    assert torch.equal(model.layer4[1].conv2.weight, src["layer4.1.conv2.weight"])
+    assert torch.equal(model.bn1.running_mean, src["bn1.running_mean"])
+    # Through `fedvision run` (prepared only): the round-0 model is the backbone + a new head,
+    # and weights.json says which layers were kept.
+    cfg = compose_config(
+        [
+            f"data.root={dataset}",
+            f"data.classes_file={dataset / C.TARGET_CLASSES}",
+            "data.size=32",
+            "data.workers=1",
+            "model.name=resnet18",
+            f"model.weights={ckpt}",
+            "num_clients=2",
+            "runtime=prepare_only",
+            "progress=false",
+        ]
+    )
+    run_experiment(cfg, tmp_path / "run")
+    initial = torch.load(tmp_path / "run" / C.RUN_INITIAL, weights_only=True)
+    assert torch.equal(initial["layer2.0.conv1.weight"], src["layer2.0.conv1.weight"])
+    assert initial["fc.weight"].shape == (4, 512)
+    load = json.loads((tmp_path / "run" / C.RUN_WEIGHTS).read_text())
+    assert load["reinitialised"] == ["fc.weight", "fc.bias"] and load["checkpoint_classes"] == 3
+    assert len(load["kept"]) == len(src) - 2
+
+
+def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(
+    dataset, pretrained, tmp_path, monkeypatch
+):
+    ref_dir, _ = pretrained
+    calls = {"n": 0}
+    real = P.evaluate
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "evaluate", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        P.run_pretrain(_pretrain_cfg(dataset), tmp_path)
+    assert json.loads((tmp_path / C.RUN_STATUS).read_text())["status"] == "failed"
+    assert len((tmp_path / C.RUN_METRICS).read_text().splitlines()) == 1
+    monkeypatch.setattr(P, "evaluate", real)
+    with pytest.raises(SystemExit):  # Hydra's task returns; the CLI wrapper exits 0
+        raise SystemExit(cli_main(["pretrain", f"resume={tmp_path}", "progress=false"]))
+    ref, resumed = _state(ref_dir / C.CKPT_LATEST), _state(tmp_path / C.CKPT_LATEST)
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    ref_metrics = (ref_dir / C.RUN_METRICS).read_text().splitlines()
+    new_metrics = (tmp_path / C.RUN_METRICS).read_text().splitlines()
+    strip = [
+        {k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+        for line in (*ref_metrics, *new_metrics)
+    ]
+    assert strip[:3] == strip[3:]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"recipe.warmup_epochs": 3}, "warmup_epochs=3 must lie in"),
+        ({"recipe.optimizer": "adam"}, "use sgd or adamw"),
+        ({"recipe.label_smoothing": 1.0}, "label_smoothing"),
+        ({"recipe.epochs": 0}, "epochs=0"),
+        ({"model.weights": "pretrained"}, "pretrain from none"),
+    ],
+)
+def test_impossible_recipes_are_refused_before_data_work(dataset, tmp_path, extra, message):
+    with pytest.raises(FedvisionError, match=message):
+        P.run_pretrain(_pretrain_cfg(dataset, **extra), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_pretrained_model_is_cached_by_what_determines_it(dataset, monkeypatch):
+    made: list[Path] = []
+    real = P.run_pretrain
+
+    def counting(cfg, run_dir, **kw):
+        made.append(run_dir)
+        return real(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(P, "run_pretrain", counting)
+
+    def config(arch, size, *, progress=True, lr=0.05):
+        return _pretrain_cfg(dataset, **{"recipe.epochs": 1, "recipe.lr": lr})
+
+    monkeypatch.setattr(P, "default_pretrain_config", config)
+    first = P.ensure_pretrained("resnet18", 32)
+    again = P.ensure_pretrained("resnet18", 32)
+    assert first == again and len(made) == 1
+    assert first.is_file() and "resnet18-32px-" in first.parent.name
+    # Another recipe is another model.
+    monkeypatch.setattr(
+        P, "default_pretrain_config", lambda a, s, progress=True: config(a, s, lr=0.02)
+    )
+    other = P.ensure_pretrained("resnet18", 32)
+    assert other != first and len(made) == 2 and other.is_file()
+
+
+def test_run_with_built_in_pretrained_weights_refuses_a_folder_dataset(dataset, tmp_path):
+    cfg = compose_config([f"data.root={dataset}", "model.weights=pretrained", "progress=false"])
+    with pytest.raises(FedvisionError, match="built-in source classes"):
+        run_experiment(cfg, tmp_path / "run")
+    cfg = compose_config([f"data.root={dataset}", f"model.weights={tmp_path / 'nope.pt'}"])
+    with pytest.raises(FedvisionError, match="no such file"):
+        run_experiment(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
