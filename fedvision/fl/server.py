@@ -5,6 +5,10 @@ needs on top: a start round (resume), checkpoints with the strategy's state, mod
 validation data, metrics per round and a progress line. Sampling, configuring and aggregating
 are the strategy's (``strategies.sampling.SeededSampling`` around a Flower strategy); no
 training happens here, the global model is only evaluated.
+
+The server keeps the whole global model but hands the strategy only its shared part (what local
+training changes, minus FedBN's local BatchNorm: ``fedvision.fl.parts``), then merges the
+aggregate back, so any strategy aggregates exactly what travels.
 """
 
 from __future__ import annotations
