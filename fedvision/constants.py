@@ -74,3 +74,13 @@ KEY_BASE_FINGERPRINT = "base-fingerprint"  # round config: sha256 of the entries
 KEY_NEW_BN = "new-bn"  # train reply metric: 1 when this client's BatchNorm started from the base
 NODE_INITIAL_WEIGHTS = "initial-weights"  # node config: the run's initial_weights.pt
 STATE_LOCAL_BN = "fedvision-local-bn"  # Context.state record: this client's own BatchNorm
+
+# --- fedvision compress (appended; see fedvision/compress/) -------------------------------------
+COMPRESS_DIR = "compress"  # default output folder, inside the run directory
+COMPRESS_FLOAT = "float.pt"  # the uncompressed model as a plain {"model": state_dict}
+COMPRESS_PRUNED = "pruned-{:g}.pt"  # global unstructured pruning to this sparsity
+COMPRESS_CHANNELS = "channels-{:g}.pt"  # this share of each conv layer's output channels zeroed
+COMPRESS_INT8 = "int8.pt"  # {"int8_model": quantized state dict}; fedvision.compress.load_int8
+COMPRESS_MD = "compress.md"
+COMPRESS_CSV = "compress.csv"
+COMPRESS_JSON = "compress.json"
