@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -22,6 +23,10 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
             f"no Hydra config at {CONF_DIR}; install fedvision with pip install -e"
         )
     try:
+        if GlobalHydra.instance().is_initialized():
+            # Inside a Hydra task (fedvision run composing the pretraining recipe): Hydra is
+            # already set up on this config directory and refuses a second initialisation.
+            return compose(config_name, overrides=list(overrides))
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:

@@ -99,16 +99,20 @@ def check_pretrain_config(cfg: DictConfig) -> None:
         )
 
 
-def _splits(cfg: DictConfig) -> tuple[DecodedCache, np.ndarray, DecodedCache, np.ndarray]:
-    """Training and validation (cache, indices): the dataset's val split, or a held-out share."""
+def _splits(cfg: DictConfig) -> tuple[DecodedCache, np.ndarray, np.ndarray, DecodedCache | None]:
+    """Training cache with its train and validation indices, and the test split if any.
+
+    Validation is a stratified share of the training images (it picks the best epoch); the
+    dataset's own val split is the test split, reported every epoch and never used to select,
+    as in ``fedvision run`` (so central references and federated runs are comparable).
+    """
     from fedvision.runner import prepare_data  # the run's data preparation, shared
 
     prepared = prepare_data(cfg.data, progress=bool(cfg.progress))
     train = prepared.train
-    if prepared.val is not None and len(prepared.val):
-        return train, np.arange(len(train)), prepared.val, np.arange(len(prepared.val))
     held, rest = holdout_split(train.labels, float(cfg.val_fraction), int(cfg.seed))
-    return train, rest, train, held
+    test = prepared.val if prepared.val is not None and len(prepared.val) else None
+    return train, rest, held, test
 
 
 def _lr_at(cfg: DictConfig, epoch: int, steps: int) -> Any:
@@ -168,7 +172,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> dic
 def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dict[str, Any]:
     if not resume:
         (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    train, train_idx, val, val_idx = _splits(cfg)
+    train, train_idx, val_idx, test = _splits(cfg)
     classes = list(train.class_names)
     device = resolve_device(str(cfg.device))
     torch.manual_seed(int(cfg.seed))
@@ -206,17 +210,23 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
             lr_at=_lr_at(cfg, epoch, steps),
         )
         opt_state = res.optimizer_state
-        ev = evaluate(
-            model, val.images, val.labels, val_idx, batch_size=int(cfg.eval_batch_size),
-            device=device,
-        )  # fmt: skip
+        bs = int(cfg.eval_batch_size)
+        ev = evaluate(model, train.images, train.labels, val_idx, batch_size=bs, device=device)
+        te = (
+            None
+            if test is None
+            else evaluate(model, test.images, test.labels, batch_size=bs, device=device)
+        )
         elapsed0 += time.perf_counter() - t0
         rec = {
             "epoch": epoch,
+            "round": epoch + 1,  # what `fedvision report` plots: epochs of a central run
             "train_loss": res.loss,
             "train_accuracy": res.accuracy,
             "val_loss": ev.loss,
             "val_accuracy": ev.accuracy,
+            "test_loss": None if te is None else te.loss,
+            "test_accuracy": None if te is None else te.accuracy,
             "lr_end": _lr_at(cfg, epoch, steps)(steps - 1),
             "epoch_s": round(time.perf_counter() - t0, 3),
             "elapsed_s": round(elapsed0, 3),
@@ -224,7 +234,11 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
         records.append(rec)
         improved = ev.accuracy > best["val_accuracy"]
         if improved:
-            best = {"epoch": epoch, "val_accuracy": ev.accuracy}
+            best = {
+                "epoch": epoch,
+                "val_accuracy": ev.accuracy,
+                "test_accuracy": None if te is None else te.accuracy,
+            }
             _save(
                 run_dir / C.CKPT_BEST,
                 _best_payload(cfg, model, classes, epoch=epoch, val_accuracy=ev.accuracy),
@@ -252,7 +266,7 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
                 flush=True,
             )
     plot_curves(
-        [{**r, "round": r["epoch"] + 1} for r in records],
+        records,
         run_dir / C.RUN_CURVES,
         title=f"pretrain {cfg.model.name} ({len(classes)} classes)",
         x_label="epoch",
@@ -264,8 +278,11 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
         "best_epoch": best["epoch"],
         "val_accuracy_best": best["val_accuracy"],
         "val_accuracy_final": records[-1]["val_accuracy"],
+        "test_accuracy_final": records[-1]["test_accuracy"],
+        "test_accuracy_at_best_val": best.get("test_accuracy"),
         "train_images": len(train_idx),
         "val_images": len(val_idx),
+        "test_images": 0 if test is None else len(test),
         "train_s": records[-1]["elapsed_s"],
         "wall_s": round(time.time() - start, 2),
         "checkpoint": str((run_dir / C.CKPT_BEST).resolve()),

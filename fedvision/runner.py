@@ -138,6 +138,8 @@ def check_config(cfg: DictConfig) -> Runtime:
         build_model(str(cfg.model.name), 2)  # raises the error with close names
     if cfg.model.finetune not in ("full", "head", "last_k"):
         raise FedvisionError(f"model.finetune={cfg.model.finetune!r}: use full, head or last_k")
+    if cfg.model.finetune == "last_k":  # the range depends on the architecture's blocks
+        build_model(str(cfg.model.name), 2, finetune="last_k", last_k=int(cfg.model.last_k))
     check_weights(cfg.model, cfg.data)
     check_local_bn(plain)  # FedBN: a model with BatchNorm that trains, clients that evaluate
     horizon = lr_horizon(plain)

@@ -76,6 +76,12 @@ def fit(
         )  # fmt: skip
         state = res.optimizer_state
         accs.append(evaluate(model, val.images, val.labels, device="cpu").accuracy)
+        print(
+            f"  epoch {epoch + 1}/{epochs}: val {accs[-1]:.3f} "
+            f"({time.perf_counter() - start:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
     return accs, time.perf_counter() - start
 
 

@@ -36,6 +36,7 @@ def test_each_simulated_client_keeps_its_batchnorm_across_rounds(tmp_path):
             f"data.classes_file={data / 'target_classes.txt'}",
             "data.size=16",
             "data.workers=1",
+            "model=resnet18",
             "num_clients=2",
             "num_rounds=2",
             "partition=iid",

@@ -39,7 +39,7 @@ def source(dataset: Path, **extra) -> list[str]:
         "data.classes_file": str(dataset / C.SOURCE_CLASSES),
         "data.size": 32,
         "data.workers": 1,
-        "model.name": "resnet18",
+        "model": "resnet18",
         "recipe.epochs": 3,
         "recipe.batch_size": 32,
         "recipe.lr": 0.05,
@@ -77,13 +77,13 @@ def test_pretraining_fills_its_run_directory_and_keeps_the_best_epoch(pretrained
     # The cosine ends at lr * lr_min_factor = 0 on the last step.
     assert records[-1]["lr_end"] == pytest.approx(0.0, abs=1e-12)
     assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished"
-    # The dataset's val split (10 per class), not a share of train, is the validation set.
-    assert summary["val_images"] == 30 and summary["train_images"] == 120
+    # Validation is 10 % of train (4 per class); the dataset's val split is the test split.
+    assert (summary["val_images"], summary["train_images"], summary["test_images"]) == (12, 108, 30)
+    at_best = records[best_epoch]["test_accuracy"]
+    assert summary["test_accuracy_at_best_val"] == at_best is not None
 
 
-def test_a_run_fine_tunes_the_checkpoint_with_a_new_head_and_says_so(
-    dataset, pretrained, tmp_path
-):
+def test_a_run_fine_tunes_the_checkpoint_with_a_new_head_and_says_so(dataset, pretrained, tmp_path):
     run_dir, _ = pretrained
     ckpt = run_dir / C.CKPT_BEST
     model, report = build_model_reporting("resnet18", 3 + 2, weights=str(ckpt))
@@ -99,7 +99,7 @@ def test_a_run_fine_tunes_the_checkpoint_with_a_new_head_and_says_so(
             f"data.classes_file={dataset / C.TARGET_CLASSES}",
             "data.size=32",
             "data.workers=1",
-            "model.name=resnet18",
+            "model=resnet18",
             f"model.weights={ckpt}",
             "num_clients=2",
             "runtime=prepare_only",
@@ -124,7 +124,7 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(
 
     def interrupt_in_epoch_2(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:  # epoch 2 (each epoch evaluates validation, then test)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -197,3 +197,14 @@ def test_run_with_built_in_pretrained_weights_refuses_a_folder_dataset(dataset, 
     with pytest.raises(FedvisionError, match="no such file"):
         run_experiment(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_recipe_composes_inside_a_running_hydra_task() -> None:
+    # `fedvision run` (a Hydra task) composes conf/pretrain.yaml for model.weights=pretrained.
+    from hydra import initialize_config_dir
+
+    from fedvision.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = P.default_pretrain_config("resnet18", 48, progress=False)
+    assert (cfg.model.name, cfg.data.size, cfg.data.subset) == ("resnet18", 48, "source")

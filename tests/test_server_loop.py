@@ -42,6 +42,7 @@ def prepared(dataset, run_dir, *extra: str):
             f"data.classes_file={dataset / 'target_classes.txt'}",
             "data.size=16",
             "data.workers=1",
+            "model=resnet18",
             "num_clients=2",
             "num_rounds=1",
             "partition=iid",

@@ -49,7 +49,7 @@ def overrides(dataset, **extra) -> list[str]:
         "num_clients": 2,
         "num_rounds": 2,
         "partition": "iid",
-        "model.name": "resnet18",
+        "model": "resnet18",  # from random weights: the built-in pretrained model is slow here
         "client.local_epochs": 3,
         "client.lr": 0.01,
         "client.augment": "none",  # two rounds on 300 images: augmentation only slows learning
@@ -292,6 +292,8 @@ def test_resume_of_a_wrong_path_creates_nothing(tmp_path, capsys):
             "samples 0 of 2 clients",
         ),
         ({"server_val_fraction": 1.0}, "server_val_fraction"),
+        ({"model.finetune": "last_k", "model.last_k": 9}, "last_k=9 is out of range"),
+        ({"model.weights": "/no/such/weights.pt"}, "no such file"),
     ],
 )
 def test_impossible_settings_fail_before_data_work_or_ray(dataset, tmp_path, extra, message):
