@@ -92,11 +92,11 @@ def check_pretrain_config(cfg: DictConfig) -> None:
         raise FedvisionError(f"data.size={cfg.data.size} must be >= 8 pixels")
     if str(cfg.model.name) not in list_architectures():
         build_model(str(cfg.model.name), 2)  # raises the error with close names
-    if str(cfg.model.weights) == "pretrained":
-        raise FedvisionError(
-            "model.weights=pretrained names this command's own output; pretrain from none, "
-            "imagenet or a checkpoint path"
-        )
+    from fedvision.runner import check_weights
+
+    # pretrained: the cached source-class model, e.g. for central fine-tuning references and
+    # linear probes on the target classes (the transfer experiment).
+    check_weights(cfg.model, cfg.data)
 
 
 def _splits(cfg: DictConfig) -> tuple[DecodedCache, np.ndarray, np.ndarray, DecodedCache | None]:
@@ -175,11 +175,14 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
     train, train_idx, val_idx, test = _splits(cfg)
     classes = list(train.class_names)
     device = resolve_device(str(cfg.device))
+    weights = str(cfg.model.weights)
+    if weights == "pretrained":
+        weights = str(ensure_pretrained(str(cfg.model.name), int(cfg.data.size)))
     torch.manual_seed(int(cfg.seed))
     model = build_model(
         str(cfg.model.name),
         len(classes),
-        weights=str(cfg.model.weights),
+        weights=weights,
         finetune=str(cfg.model.finetune),
         last_k=int(cfg.model.last_k),
         allow_head_mismatch=bool(cfg.model.get("allow_head_mismatch", True)),
@@ -285,7 +288,7 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
         "test_images": 0 if test is None else len(test),
         "train_s": records[-1]["elapsed_s"],
         "wall_s": round(time.time() - start, 2),
-        "checkpoint": str((run_dir / C.CKPT_BEST).resolve()),
+        "checkpoint": C.CKPT_BEST,  # relative: the directory may move (the pretrained cache)
     }
     write_json_atomic(run_dir / C.RUN_SUMMARY, summary)
     return summary
@@ -397,10 +400,11 @@ def hydra_pretrain(cfg: DictConfig) -> float | None:
             saved.progress, saved.device = cfg.progress, cfg.device
             summary = run_pretrain(saved, run_dir, resume=True)
         else:
-            summary = run_pretrain(cfg, Path(HydraConfig.get().runtime.output_dir))
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            summary = run_pretrain(cfg, run_dir)
     except FedvisionError as exc:
         print(f"fedvision: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    status = read_status(Path(summary["checkpoint"]).parent)
+    status = read_status(run_dir)
     print(json.dumps({**summary, "status": status["status"] if status else None}))
     return summary["val_accuracy_best"]
