@@ -19,5 +19,5 @@ $FV pretrain -m data.subset=target model.weights=pretrained,none model.finetune=
 
 $FV run -m experiment=transfer "hydra.sweep.dir=$OUT/federated"
 
-$FV report "$OUT/federated" --out "$OUT/report-federated" --target 0.4
-$FV report "$OUT/central" --out "$OUT/report-central" --target 0.4
+$FV report "$OUT/federated" --out "$OUT/report-federated" --target 0.3
+$FV report "$OUT/central" --out "$OUT/report-central" --target 0.3

@@ -91,7 +91,7 @@ FEDBN = ("client.local_bn=true", "strategy.fraction_evaluate=1.0", "strategy.min
         (("model.name=squeezenet1_0",), "squeezenet1_0 has none"),
         (
             ("model.finetune=head",),
-            "no BatchNorm layer of resnet18 trains with model.finetune=head",
+            "no BatchNorm layer of shufflenet_v2_x0_5 trains with model.finetune=head",
         ),
         (("strategy.fraction_evaluate=0.0",), "set strategy.fraction_evaluate > 0"),
     ],

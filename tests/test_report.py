@@ -82,3 +82,19 @@ def test_rounds_to_target_is_the_first_round_that_reaches_it():
 def test_report_of_a_folder_without_runs_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no fedvision run directory" in capsys.readouterr().err
+
+
+def test_group_names_skip_absent_keys_and_name_targets_by_class():
+    from pathlib import Path
+
+    from fedvision.report.table import Run, group_runs
+
+    def run(seed, **settings):
+        return Run(Path(f"r{seed}{settings}"), "finished", settings, seed, {}, [], None)
+
+    fedavg = {"strategy._target_": "flwr.serverapp.strategy.FedAvg", "strategy.proximal_mu": None}
+    fedprox = {"strategy._target_": "flwr.serverapp.strategy.FedProx", "strategy.proximal_mu": 0.01}
+    names = [
+        name for name, _ in group_runs([run(0, **fedavg), run(1, **fedavg), run(0, **fedprox)])
+    ]
+    assert names == ["strategy=FedAvg", "strategy=FedProx, strategy.proximal_mu=0.01"]

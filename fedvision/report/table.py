@@ -111,7 +111,16 @@ def group_runs(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
     named = []
     for members in groups.values():
         s = members[0].settings
-        named.append((", ".join(f"{k}={s.get(k)}" for k in varying) or "all runs", members))
+        # A key this group lacks (FedAvg has no proximal_mu) says nothing; a `_target_` is
+        # named by its class (strategy=FedProx), the way a reader knows it.
+        parts = [
+            f"{k.removesuffix('._target_')}={str(s[k]).rsplit('.', 1)[-1]}"
+            if k.endswith("._target_")
+            else f"{k}={s[k]}"
+            for k in varying
+            if s.get(k) is not None
+        ]
+        named.append((", ".join(parts) or "all runs", members))
     return sorted(named)
 
 
@@ -177,7 +186,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], target:
 def plot_groups(runs: Sequence[Run], path: Path) -> Path:
     """Test accuracy per round per group: the mean over seeds, with a band of ± one std."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, members in group_runs(runs):
+    for i, (name, members) in enumerate(group_runs(runs)):
         curves = [
             {
                 r["round"]: r["test_accuracy"]
@@ -192,15 +201,17 @@ def plot_groups(runs: Sequence[Run], path: Path) -> Path:
             continue
         acc = np.array([[c[r] for r in rounds] for c in curves])
         mean, std = acc.mean(axis=0), acc.std(axis=0, ddof=1) if len(acc) > 1 else 0 * acc[0]
-        ax.plot(rounds, mean, marker="o", label=f"{name} (n={len(acc)})")
+        # Matplotlib cycles 10 colours: later groups get another line style.
+        style = ("-", "--", ":")[(i // 10) % 3]
+        ax.plot(rounds, mean, marker="o", linestyle=style, label=f"{name} (n={len(acc)})")
         ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
     ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="mean ± std over seeds")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        # Below the axes: group names are long, and a sweep has many of them.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
