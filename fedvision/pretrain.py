@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,8 @@ def _splits(cfg: DictConfig) -> tuple[DecodedCache, np.ndarray, np.ndarray, Deco
     return train, rest, held, test
 
 
-def _lr_at(cfg: DictConfig, epoch: int, steps: int) -> Any:
+def _lr_at(cfg: DictConfig, epoch: int, steps: int) -> Callable[[int], float]:
+    """Epoch ``epoch``'s slice of the run's warm-up + cosine schedule, by step within the epoch."""
     r = cfg.recipe
     total, warmup = int(r.epochs) * steps, round(float(r.warmup_epochs) * steps)
     lr, lr_min = float(r.lr), float(r.lr) * float(r.lr_min_factor)
