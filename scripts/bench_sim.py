@@ -478,6 +478,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--size", type=int, default=32, help="image size in px")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client")
@@ -493,6 +494,10 @@ def main() -> None:
         f"num_rounds={args.rounds}",
         "partition=iid",
         f"model.name={args.model}",
+        # Random weights, as the plain loop starts from: a pretrained start would add pretraining
+        # to the start-up it measures (and changes nothing per round).
+        "model.weights=none",
+        f"data.size={args.size}",
         f"client.batch_size={args.batch_size}",
         f"client.local_epochs={args.local_epochs}",
         "client.augment=none",
