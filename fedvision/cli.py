@@ -152,6 +152,15 @@ def _compress(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(ns: argparse.Namespace) -> int:
+    from fedvision.runtime.certs import format_certs, make_certs
+
+    hosts = ns.host or ["localhost", "127.0.0.1"]
+    files = make_certs(ns.out, hosts, node_keys=ns.node_keys, days=ns.days, overwrite=ns.overwrite)
+    print(format_certs(files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedvision`` command."""
     p = argparse.ArgumentParser(
@@ -209,6 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", type=Path, default=None, help="output folder (RUN/compress)")
     cmp.add_argument("--quiet", action="store_true", help="no progress on stderr")
     cmp.set_defaults(handler=_compress)
+
+    crt = sub.add_parser(
+        "certs",
+        help="TLS certificates and SuperNode auth keys for a Flower deployment",
+        description="Write a private CA (ca.pem, ca.key), a SuperLink server certificate "
+        "signed by it for every --host (server.pem, server.key) and, with --node-keys N, "
+        "SuperNode authentication key pairs in OpenSSH format (node-keys/node-i and "
+        "node-i.pub, EC P-384). Private keys are written unencrypted with mode 0600.",
+    )
+    crt.add_argument("--out", type=Path, required=True, help="output folder")
+    crt.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME_OR_IP",
+        help="a DNS name or IP address of the SuperLink; repeat for several "
+        "(default: localhost and 127.0.0.1)",
+    )
+    crt.add_argument("--node-keys", type=int, default=0, metavar="N", help="node key pairs (0)")
+    crt.add_argument("--days", type=int, default=365, help="validity in days (365)")
+    crt.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+    crt.set_defaults(handler=_certs)
 
     data = sub.add_parser("data", help="generate, check, prepare and partition datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
