@@ -36,6 +36,7 @@ RUN_DIR_KEY = "run-dir"
 
 # --- Flower message keys -------------------------------------------------------------------------
 KEY_ARRAYS = "arrays"
+KEY_FLAT = "flat"  # the one array of a packed model (fedvision/fl/arrays.py: pack)
 KEY_METRICS = "metrics"
 KEY_CONFIG = "config"
 KEY_NUM_EXAMPLES = "num-examples"  # Flower's strategies weight by this key
@@ -48,6 +49,7 @@ KEY_NUM_PARTITIONS = "num-partitions"
 NODE_CACHE_DIR = "cache-dir"  # decoded train cache of this node's data
 NODE_PARTITION_FILE = "partition-file"  # partition.npz naming this node's indices
 NODE_DEVICE = "device"  # auto | cpu | cuda (a simulation's clients take it from run.json)
+NODE_PARTITION_INDEX = "partition-index"  # which client of partition-file (default partition-id)
 
 # --- metric keys in client replies ---------------------------------------------------------------
 KEY_TRAIN_LOSS = "train_loss"

@@ -127,6 +127,11 @@ def check_config(cfg: DictConfig) -> Runtime:
     for key in ("num_clients", "num_rounds", "eval_every", "eval_batch_size"):
         if int(cfg[key]) < 1:
             raise FedvisionError(f"{key}={cfg[key]} must be >= 1")
+    min_replies = int(cfg.get("min_train_replies", 1))  # runs saved before it existed: 1
+    if not 1 <= min_replies <= int(cfg.num_clients):
+        raise FedvisionError(
+            f"min_train_replies={min_replies} must lie in [1, num_clients={cfg.num_clients}]"
+        )
     if not 0.0 <= float(cfg.server_val_fraction) < 1.0:
         raise FedvisionError(f"server_val_fraction={cfg.server_val_fraction} must lie in [0, 1)")
     if int(cfg.data.size) < 8:

@@ -217,8 +217,18 @@ def test_federated_evaluation_weights_clients_and_skips_empty_ones(sizes, want):
         def get_node_ids(self):
             return [11, 12]
 
-        def send_and_receive(self, messages, timeout):
-            return [_eval_reply(n, a) for n, a in zip(sizes, accuracies, strict=True)]
+        def push_messages(self, messages):
+            self.sent = list(messages)
+            for m in self.sent:
+                m.metadata.__dict__["_message_id"] = m.object_id
+            return [m.metadata.message_id for m in self.sent]
+
+        def pull_messages(self, message_ids):
+            return [
+                Message(_eval_reply(n, a).content, reply_to=m)
+                for n, a, m in zip(sizes, accuracies, self.sent, strict=True)
+                if m.metadata.message_id in set(message_ids)
+            ]
 
     strategy = SeededSampling(FedAvg(min_evaluate_nodes=1, min_available_nodes=1), seed=0)
     strategy.set_partitions({11: 0, 12: 1})

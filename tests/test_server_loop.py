@@ -13,6 +13,7 @@ from fedvision.config import compose_config
 from fedvision.data.generate import generate_dataset
 from fedvision.errors import FedvisionError
 from fedvision.fl import clientapp
+from fedvision.fl.arrays import unpack
 from fedvision.fl.server import serve
 from fedvision.report.metrics import read_metrics
 from fedvision.runner import run_experiment
@@ -56,7 +57,24 @@ def prepared(dataset, run_dir, *extra: str):
     return run_dir
 
 
-class ScriptedGrid:
+class PushPull:
+    """``push_messages``/``pull_messages`` (what the server loop uses) over ``send_and_receive``."""
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for m in messages:  # a runtime gives each pushed message its id
+            m.metadata.__dict__["_message_id"] = m.object_id
+        self.pending = [*getattr(self, "pending", []), *self.send_and_receive(messages, None)]
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        ids = set(message_ids)
+        got = [r for r in self.pending if r.metadata.reply_to_message_id in ids]
+        self.pending = [r for r in self.pending if r.metadata.reply_to_message_id not in ids]
+        return got
+
+
+class ScriptedGrid(PushPull):
     """Two nodes; node 101 holds partition 0. Nodes in ``failing`` fail to train."""
 
     def __init__(self, failing: set[int] = frozenset(), nodes: tuple[int, ...] = (101, 102)):
@@ -82,7 +100,7 @@ class ScriptedGrid:
         return replies
 
 
-class InlineGrid:
+class InlineGrid(PushPull):
     """Runs fedvision's real ClientApp in this process, one Context per node, like a runtime."""
 
     def __init__(self, run_dir, num_nodes: int) -> None:
@@ -227,8 +245,15 @@ NPY_HEADER = 128  # np.save's header for these shapes: Flower counts it in Array
 
 
 def _message_bytes(state: dict[str, torch.Tensor], keys) -> int:
-    """What one float32 ArrayRecord of ``keys`` weighs as Flower counts it."""
-    return sum(NPY_HEADER + 4 * state[k].numel() + len(k) for k in keys)
+    """What the packed float32 ArrayRecord of ``keys`` weighs as Flower counts it."""
+    return NPY_HEADER + 4 * sum(state[k].numel() for k in keys) + len(C.KEY_FLAT)
+
+
+def _unpacked(msg, state: dict[str, torch.Tensor], keys) -> dict[str, torch.Tensor]:
+    """The arrays of a message, cut out of its one packed array (raises if the sizes differ)."""
+    packed = msg.content[C.KEY_ARRAYS]
+    assert list(packed.keys()) == [C.KEY_FLAT]  # one array travels, whatever the model
+    return unpack(packed, {k: tuple(state[k].shape) for k in keys}).to_torch_state_dict()
 
 
 def _pretrained(path, num_classes: int = 2) -> dict[str, torch.Tensor]:
@@ -288,13 +313,15 @@ def test_a_frozen_backbone_is_never_sent_and_stays_bit_identical(dataset, tmp_pa
     exchanges = _train_exchanges(grid)
     assert len(exchanges) == 3 * 2
     for m, reply, _ in exchanges:
-        assert list(m.content[C.KEY_ARRAYS].keys()) == sent
-        assert list(reply.content[C.KEY_ARRAYS].keys()) == sent
-    per_client = 4 * floats + NPY_HEADER * num_arrays + sum(len(k) for k in sent)
+        for msg in (m, reply):
+            assert msg.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy().size == floats
+            assert list(_unpacked(msg, pretrained, sent)) == sent
+    per_client = 4 * floats + NPY_HEADER + len(C.KEY_FLAT)
     full = _message_bytes(pretrained, pretrained)
     for r in read_metrics(run_dir)[1:]:
         assert r["bytes_down"] == r["bytes_up"] == 2 * per_client
-        assert full - per_client == _message_bytes(pretrained, frozen)  # the saving per client
+        # the saving per client: the frozen floats
+        assert full - per_client == 4 * sum(pretrained[k].numel() for k in frozen)
 
     # The server's global model and a client's trained model keep the pretrained backbone.
     initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
@@ -315,8 +342,10 @@ def test_full_finetuning_still_sends_the_whole_model(dataset, tmp_path):
     serve(grid, run_dir)
     initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
     for m, reply, _ in _train_exchanges(grid):
-        assert list(m.content[C.KEY_ARRAYS].keys()) == list(initial)
-        assert list(reply.content[C.KEY_ARRAYS].keys()) == list(initial)
+        for msg in (m, reply):
+            assert msg.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy().size == sum(
+                t.numel() for t in initial.values()
+            )
         assert m.content[C.KEY_CONFIG][C.KEY_BASE_FINGERPRINT] == ""  # no base needed
     record = read_metrics(run_dir)[1]
     assert record["bytes_down"] == record["bytes_up"] == 2 * _message_bytes(initial, initial)
@@ -365,15 +394,15 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(
     # No BatchNorm entry travels, in either direction, in training or evaluation.
     kinds = [m.metadata.message_type for m, _, _ in grid.log]
     assert kinds.count("train") == kinds.count("evaluate") == 2 * 3
+    initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
+    shared_floats = sum(initial[k].numel() for k in parts.shared)
     for m, reply, _ in grid.log:
         for msg in (m, reply):
-            for record in msg.content.array_records.values():
-                assert not bn & set(record.keys())
-        if m.metadata.message_type == "train":
-            assert list(m.content[C.KEY_ARRAYS].keys()) == list(parts.shared)
-            assert list(reply.content[C.KEY_ARRAYS].keys()) == list(parts.shared)
-            if strategy == "fedprox":
-                assert m.content[C.KEY_CONFIG][C.KEY_PROXIMAL_MU] == pytest.approx(0.01)
+            for record in msg.content.array_records.values():  # exactly the shared floats
+                assert list(record.keys()) == [C.KEY_FLAT]
+                assert record[C.KEY_FLAT].numpy().size == shared_floats
+        if m.metadata.message_type == "train" and strategy == "fedprox":
+            assert m.content[C.KEY_CONFIG][C.KEY_PROXIMAL_MU] == pytest.approx(0.01)
 
     # The global shared weights are the example-weighted mean of round 2's replies; everything
     # that is not shared (BatchNorm, a frozen backbone) is still the initial model.
@@ -383,7 +412,7 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(
     sizes = [int(r.content[C.KEY_METRICS][C.KEY_NUM_EXAMPLES]) for _, r, _ in last]
     for k in parts.shared:
         mean = sum(
-            n * r.content[C.KEY_ARRAYS][k].numpy().astype("float64")
+            n * _unpacked(r, initial, parts.shared)[k].numpy().astype("float64")
             for n, (_, r, _) in zip(sizes, last, strict=True)
         ) / sum(sizes)
         torch.testing.assert_close(latest[k], torch.from_numpy(mean).float(), rtol=1e-5, atol=1e-6)
@@ -403,7 +432,7 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(
         cfg = to_train_config(m.content[C.KEY_CONFIG], int(ctx.node_config[C.KEY_PARTITION_ID]))
         for start, should_match in ((first[node], True), (initial, False)):
             replica = build_model("resnet18", 2, finetune=finetune, last_k=1)
-            state = {**initial, **m.content[C.KEY_ARRAYS].to_torch_state_dict()}
+            state = {**initial, **_unpacked(m, initial, parts.shared)}
             state.update({k: start[k] for k in parts.local})
             replica.load_state_dict(state)
             train_local(replica, cache.images, cache.labels, train_idx, cfg, "cpu")

@@ -35,7 +35,7 @@ from fedvision.data.cache import DecodedCache
 from fedvision.data.partition import Partition, load_partition
 from fedvision.engine import evaluate, resolve_device, train_local
 from fedvision.errors import FedvisionError
-from fedvision.fl.arrays import float32_arrays
+from fedvision.fl.arrays import float32_arrays, pack, unpack
 from fedvision.fl.round_config import to_train_config
 from fedvision.models import ModelParts, build_model, fingerprint, split_parts
 from fedvision.rundir import RunPlan, read_plan, run_dir_from
@@ -122,10 +122,11 @@ def node_settings(context: Context) -> dict[str, Any]:
 def _indices(node: Mapping[str, Any]) -> tuple[DecodedCache, np.ndarray, np.ndarray]:
     cache = _open_cache(str(node[C.NODE_CACHE_DIR]))
     part = _open_partition(str(node[C.NODE_PARTITION_FILE]))
-    pid = int(node[C.KEY_PARTITION_ID])
+    # A real client's own data is a one-client file (partition-index 0), whatever its id.
+    pid = int(node.get(C.NODE_PARTITION_INDEX, node[C.KEY_PARTITION_ID]))
     if not 0 <= pid < len(part.train):
         raise FedvisionError(
-            f"partition-id {pid} is out of range: the partition file has {len(part.train)} clients"
+            f"partition {pid} is out of range: the partition file has {len(part.train)} clients"
         )
     return cache, part.train[pid], part.val[pid]
 
@@ -185,13 +186,16 @@ def _load_global(
     )
     model = _model(*key)
     parts = _parts(*key, bool(cfg.get(C.KEY_LOCAL_BN, False)))
-    received = msg.content[C.KEY_ARRAYS]
-    if set(received.keys()) != set(parts.shared):
-        raise FedvisionError(
-            f"the server sent {len(received)} arrays, but this client's {key[0]} "
-            f"(finetune={key[2]}, last_k={key[3]}) shares {len(parts.shared)}: client and server "
-            "split the model differently"
+    full = model.state_dict()
+    try:
+        received = unpack(
+            msg.content[C.KEY_ARRAYS], {k: tuple(full[k].shape) for k in parts.shared}
         )
+    except FedvisionError as exc:
+        raise FedvisionError(
+            f"{exc} (this client's {key[0]}, finetune={key[2]}, last_k={key[3]}, shares "
+            f"{len(parts.shared)} arrays)"
+        ) from exc
     state = received.to_torch_state_dict()
     new_bn = False
     if parts.unsent:
@@ -227,7 +231,7 @@ def train(msg: Message, context: Context) -> Message:
             {k: Array(state[k].detach().cpu().numpy()) for k in parts.local}
         )
         metrics[C.KEY_NEW_BN] = int(new_bn)
-    shared = float32_arrays({k: state[k] for k in parts.shared})
+    shared = pack(float32_arrays({k: state[k] for k in parts.shared}))
     content = RecordDict({C.KEY_ARRAYS: shared, C.KEY_METRICS: metrics})
     return Message(content=content, reply_to=msg)
 

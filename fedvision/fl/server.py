@@ -35,7 +35,7 @@ from fedvision import constants as C
 from fedvision.data.cache import DecodedCache
 from fedvision.engine import evaluate, resolve_device
 from fedvision.errors import FedvisionError
-from fedvision.fl.arrays import float32_arrays
+from fedvision.fl.arrays import float32_arrays, layout_of, pack, unpack
 from fedvision.fl.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -109,36 +109,93 @@ def check_strategy(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def discover_clients(grid: Grid, expected: int, timeout_s: float) -> dict[int, int]:
-    """Wait for ``expected`` nodes, ask each for its partition id; return ``{partition: node}``."""
+# How often the round loop asks the grid for replies. Flower's deployment grid sleeps 3 s between
+# pulls in send_and_receive; a short poll costs a few tiny requests and saves seconds per round.
+POLL_S = 0.05
+# How long a node that just appeared gets to say which partition it holds.
+QUERY_TIMEOUT_S = 15.0
+
+
+def exchange(
+    grid: Grid, messages: Iterable[Message], timeout_s: float, poll_s: float = POLL_S
+) -> list[Message]:
+    """Send ``messages``, collect the replies that come within ``timeout_s``.
+
+    ``Grid.send_and_receive`` with a short poll (late replies are dropped, as there).
+    """
+    pending = set(grid.push_messages(list(messages)))
+    replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
-    while len(node_ids := list(grid.get_node_ids())) < expected:
-        if time.monotonic() > deadline:
-            raise FedvisionError(
-                f"only {len(node_ids)} of {expected} clients connected within {timeout_s:g} s "
-                "(runtime.connect_timeout_s)"
-            )
-        time.sleep(0.1)
-    queries = [
-        Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-        for n in node_ids
-    ]
-    mapping: dict[int, int] = {}
-    replies = list(grid.send_and_receive(queries, timeout=timeout_s))
-    for reply in replies:
-        if reply.has_error():
-            raise FedvisionError(
-                f"client on node {reply.metadata.src_node_id} failed to start: "
-                f"{reply.error.reason.strip().splitlines()[-1]}"
-            )
-        metrics = reply.content[C.KEY_METRICS]
-        mapping[int(metrics[C.KEY_PARTITION_ID])] = reply.metadata.src_node_id
-    if sorted(mapping) != list(range(expected)):
-        raise FedvisionError(
-            f"clients report partitions {sorted(mapping)}, expected 0..{expected - 1} once each "
-            f"({len(replies)} of {len(node_ids)} answered within {timeout_s:g} s)"
-        )
-    return mapping
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(poll_s)
+    return replies
+
+
+class ClientDirectory:
+    """Which partition each connected node holds, kept current as nodes come and go.
+
+    Node ids are assigned by the SuperLink and change when a client restarts or re-registers;
+    partition ids do not. A node is asked once (a QUERY message) which partition it holds; a
+    node that disappears is forgotten, and a new node that claims a known partition replaces the
+    old node (a restarted client). Nodes that do not answer (gone, but not yet marked offline)
+    are asked again at the next refresh.
+    """
+
+    def __init__(self, expected: int) -> None:
+        self.expected = int(expected)
+        self.partition_of: dict[int, int] = {}  # node -> partition, the node that holds it now
+        self.answered: dict[int, int] = {}  # every node that ever answered: never asked twice
+
+    def refresh(self, grid: Grid, timeout_s: float = QUERY_TIMEOUT_S) -> list[int]:
+        """Forget nodes that left, ask new ones; return the partitions that newly joined."""
+        nodes = set(grid.get_node_ids())
+        new = sorted(nodes - set(self.answered))
+        queries = [
+            Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in new
+        ]
+        joined = []
+        replies = exchange(grid, queries, timeout_s) if new else []
+        for reply in replies:
+            if reply.has_error():
+                raise FedvisionError(
+                    f"client on node {reply.metadata.src_node_id} failed to start: "
+                    f"{reply.error.reason.strip().splitlines()[-1]}"
+                )
+            pid = int(reply.content[C.KEY_METRICS][C.KEY_PARTITION_ID])
+            if not 0 <= pid < self.expected:
+                raise FedvisionError(
+                    f"a client reports partition {pid}, but the run has num_clients="
+                    f"{self.expected} (ids 0..{self.expected - 1}): fix its --partition-id"
+                )
+            self.answered[reply.metadata.src_node_id] = pid
+            joined.append(pid)
+        # Per partition, the node that answered last among those connected: a restarted
+        # client's old node may still be listed until its heartbeats lapse.
+        holder = {p: n for n, p in self.answered.items() if n in nodes}
+        self.partition_of = {n: p for p, n in holder.items()}
+        return sorted(joined)
+
+    def wait_for_all(self, grid: Grid, timeout_s: float) -> dict[int, int]:
+        """Wait until every partition 0..expected-1 is held by a connected node."""
+        deadline = time.monotonic() + timeout_s
+        while len(set(self.partition_of.values())) < self.expected:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                have = sorted(set(self.partition_of.values()))
+                raise FedvisionError(
+                    f"only {len(have)} of {self.expected} clients connected within "
+                    f"{timeout_s:g} s (runtime.connect_timeout_s); partitions present: {have}"
+                )
+            self.refresh(grid, min(QUERY_TIMEOUT_S, max(remaining, 1.0)))
+            if len(set(self.partition_of.values())) < self.expected:
+                time.sleep(0.1)
+        return dict(self.partition_of)
 
 
 class CentralEvaluator:
@@ -174,6 +231,35 @@ def _replies_in_partition_order(
 ) -> list[Message]:
     # Float sums depend on order: aggregating in partition order makes the result reproducible.
     return sorted(replies, key=lambda m: partition_of.get(m.metadata.src_node_id, 1 << 30))
+
+
+def _failures(
+    sent: Iterable[Message], replies: Iterable[Message], partition_of: Mapping[int, int]
+) -> list[dict[str, Any]]:
+    """Who failed this round and why: an error reply, or no reply within the round's timeout."""
+    out = []
+    answered = set()
+    for m in replies:
+        answered.add(m.metadata.src_node_id)
+        if m.has_error():
+            lines = (m.error.reason or "").strip().splitlines()
+            out.append(
+                {
+                    "partition": partition_of.get(m.metadata.src_node_id),
+                    "code": int(m.error.code),
+                    "reason": lines[-1] if lines else f"error code {m.error.code}",
+                }
+            )
+    for m in sent:
+        if m.metadata.dst_node_id not in answered:
+            out.append(
+                {
+                    "partition": partition_of.get(m.metadata.dst_node_id),
+                    "code": None,
+                    "reason": "no reply within runtime.round_timeout_s",
+                }
+            )
+    return sorted(out, key=lambda f: (f["partition"] is None, f["partition"] or 0))
 
 
 def _first_error(replies: Iterable[Message]) -> str:
@@ -266,6 +352,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
     parts = run_parts(cfg, num_classes)
     base_fp = base_fingerprint(arrays, parts)
+    layout = layout_of(subset(arrays, parts.shared))  # how the packed shared part is cut up
     if start > 0 and parts.local:
         tqdm.write(
             "fedvision: FedBN resumes with every client's BatchNorm back at the initial weights "
@@ -295,12 +382,10 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     timings["round0_done"] = time.time()
 
     # After the round-0 evaluation: it runs while the clients' processes start.
-    node_of = discover_clients(
-        grid, int(cfg["num_clients"]), float(cfg["runtime"].get("connect_timeout_s", 120))
-    )
-    partition_of = {n: p for p, n in node_of.items()}
-    strategy.set_partitions(partition_of)
+    directory = ClientDirectory(int(cfg["num_clients"]))
+    directory.wait_for_all(grid, float(cfg["runtime"].get("connect_timeout_s", 120)))
     timings["clients_ready"] = time.time()
+    min_replies = int(cfg.get("min_train_replies", 1))
 
     bar = tqdm(
         total=num_rounds,
@@ -318,49 +403,68 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         config = ConfigRecord(
             {**train_config(cfg, rnd, num_classes), C.KEY_BASE_FINGERPRINT: base_fp}
         )
-        messages = list(strategy.configure_train(rnd, subset(arrays, parts.shared), config, grid))
+        # Clients that restarted or reconnected come back under new node ids.
+        joined = directory.refresh(grid)
+        partition_of = dict(directory.partition_of)
+        strategy.set_partitions(partition_of)
+        shared = pack(subset(arrays, parts.shared))
+        messages = list(strategy.configure_train(rnd, shared, config, grid))
         pids = sorted(partition_of[m.metadata.dst_node_id] for m in messages)
         bytes_down = sum(
             a.count_bytes() for m in messages for a in m.content.array_records.values()
         )
-        replies = _replies_in_partition_order(
-            grid.send_and_receive(messages, timeout=timeout), partition_of
-        )
+        replies = _replies_in_partition_order(exchange(grid, messages, timeout), partition_of)
         ok = [m for m in replies if not m.has_error()]
+        failures = _failures(messages, replies, partition_of)
         if not ok:
             raise FedvisionError(
                 f"round {rnd}: every client failed; first: {_first_error(replies)}"
             )
-        if len(ok) < len(messages):
-            # Counted in metrics.jsonl too; said here so that nobody misses it.
+        aggregate = len(ok) >= min_replies
+        if failures:
+            # Recorded in metrics.jsonl too; said here so that nobody misses it.
             tqdm.write(
-                f"fedvision: round {rnd}: {len(messages) - len(ok)} of {len(messages)} clients "
-                f"failed ({_first_error(replies)}); aggregating the other {len(ok)}",
+                f"fedvision: round {rnd}: {len(failures)} of {len(messages)} clients failed "
+                f"({failures[0]['reason']}); "
+                + (
+                    f"aggregating the other {len(ok)}"
+                    if aggregate
+                    else f"{len(ok)} replies < min_train_replies={min_replies}: the global "
+                    "model stays as it was"
+                ),
                 file=sys.stderr,
             )
         # Counted before aggregating: some strategies empty the replies they aggregate.
         bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            arrays = merge(arrays, float32_arrays(new_arrays))
+        train_metrics = None
+        if aggregate:
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = merge(arrays, unpack(float32_arrays(new_arrays), layout))
         record: dict[str, Any] = {
             "round": rnd,
             "train_loss": train_metrics.get(C.KEY_TRAIN_LOSS) if train_metrics else None,
             "train_accuracy": train_metrics.get(C.KEY_TRAIN_ACC) if train_metrics else None,
             "num_clients": len(ok),
-            "num_failures": len(messages) - len(ok),
+            "num_failures": len(failures),
             "clients": pids,
             "lr": config["lr"],
             "bytes_down": int(bytes_down),
             "bytes_up": int(bytes_up),
         }
+        if failures:
+            record["failures"] = failures
+        if not aggregate:
+            record["aggregated"] = False
+        if joined and rnd > start + 1:
+            record["clients_joined"] = joined  # came (back) during the run
         if parts.local:
             # Clients whose BatchNorm started from the base this round: each client once in a
             # run, unless the runtime lost its state (a resume, a restarted SuperNode).
             record["clients_new_bn"] = sum(
                 int(m.content[C.KEY_METRICS].get(C.KEY_NEW_BN, 0)) for m in ok
             )
-        shared = subset(arrays, parts.shared)
+        shared = pack(subset(arrays, parts.shared))
         record.update(_federated_evaluate(grid, strategy, shared, config, rnd, timeout))
         if rnd % int(cfg["eval_every"]) == 0 or rnd == num_rounds:
             record.update(evaluator(arrays))
@@ -408,7 +512,7 @@ def _federated_evaluate(
         return {}
     replies = [
         m
-        for m in grid.send_and_receive(messages, timeout=timeout)
+        for m in exchange(grid, messages, timeout)
         # A client whose validation part is empty has nothing to say (and a zero weight would
         # divide by zero if every sampled client were such a client).
         if m.has_error() or m.content[C.KEY_METRICS][C.KEY_NUM_EXAMPLES] > 0

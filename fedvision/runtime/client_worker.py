@@ -1,0 +1,178 @@
+"""A warm task executor for a SuperNode: runs fedvision's ClientApp in one long-lived process.
+
+Flower 1.39's SuperNode hands each message to a SuperExec, which starts a fresh ``flwr-clientapp``
+process per message: Python, the FAB install, torch, torchvision and fedvision are imported and
+the model and data cache opened again for every train and every evaluate message (several
+seconds each on a small machine, and the ClientApp's caches never live past one message).
+Flower's own warm executor exists only for Kubernetes. This worker takes the SuperExec's place
+for a SuperNode started with ``--isolation process``: it acquires each task from the SuperNode's
+Runtime API and runs it in this process, with the ClientApp imported once, so what a client
+keeps across rounds (the decoded cache view, its partition, a built model) stays resident here
+as it does in a Ray worker. Each task is handled as ``flwr-clientapp`` handles it (pull input,
+call the app, push the reply and the context); only the process is reused.
+
+The worker runs the installed fedvision ClientApp, not the FAB's copy: a run of another app or of
+another fedvision version gets an error reply that says so, instead of running foreign code.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from fedvision import __version__
+from fedvision.errors import FedvisionError
+
+# The app a FAB must be for this worker to run it (``[tool.flwr.app] publisher`` / project name).
+FAB_ID = "fedvision/fedvision"
+
+
+def _client(address: str, token: str | None, root_certificates: bytes | None):
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=root_certificates is None,
+        root_certificates=root_certificates,
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
+def _pull_task_input(client):
+    """``flwr-clientapp``'s ``pull_task_input``, retrying missing objects after 0.05 s.
+
+    A SuperNode hands out a task before it has all of the message's objects from the SuperLink;
+    Flower retries such an object after 1, 2, 4, 8 s (its start-up hides this in a fresh
+    process). A warm worker asks at once, so it retries quickly instead.
+    """
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context, run, fab = (
+        context_from_proto(res.context),
+        run_from_proto(res.run),
+        fab_from_proto(res.fab),
+    )
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
+        return_type=Message,
+        initial_backoff=0.05,
+        backoff_cap=0.2,
+        max_tries_per_object=None,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context, run, fab
+
+
+def run_task(address: str, token: str, root_certificates: bytes | None = None) -> str:
+    """Run one acquired task (one message) in this process; return its final sub-status."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+    from fedvision.fl.clientapp import app
+
+    pull_task_input = _pull_task_input
+    client = _client(address, token, root_certificates)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    try:
+        message, context, run, _fab = pull_task_input(client)
+        if run.fab_id != FAB_ID or run.fab_version != __version__:
+            raise FedvisionError(
+                f"this client runs fedvision {__version__}; the run is {run.fab_id} "
+                f"{run.fab_version}: install the server's fedvision version on this client"
+            )
+        reply = app(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:  # the server must get a reply saying why, whatever failed
+        logging.getLogger("fedvision").exception("ClientApp raised an exception")
+        details = f"{type(exc)}:<'{exc}'>"
+        if message is not None:
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                reply_to=message,
+            )
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+        finally:
+            heartbeat.stop()
+            client.close()
+    return status
+
+
+def serve_tasks(
+    address: str,
+    stop: threading.Event,
+    *,
+    poll_s: float = 0.05,
+    root_certificates: bytes | None = None,
+) -> int:
+    """Acquire ClientApp tasks from a SuperNode's Runtime API and run them until ``stop``.
+
+    Returns the number of tasks run. Connection errors (the SuperNode restarting) are retried.
+    """
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+
+    import fedvision.fl.clientapp  # noqa: F401  (torch, torchvision and the app, imported once)
+
+    done = 0
+    client = None
+    while not stop.is_set():
+        try:
+            if client is None:
+                client = _client(address, None, root_certificates)
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        except Exception:  # the SuperNode is (re)starting: try again shortly
+            if client is not None:
+                client.close()
+            client = None
+            stop.wait(1.0)
+            continue
+        if res.HasField("task") and res.token:
+            run_task(address, res.token, root_certificates)
+            done += 1
+        else:
+            time.sleep(poll_s)
+    if client is not None:
+        client.close()
+    return done
