@@ -236,25 +236,30 @@ def _replies_in_partition_order(
 def _failures(
     sent: Iterable[Message], replies: Iterable[Message], partition_of: Mapping[int, int]
 ) -> list[dict[str, Any]]:
-    """Who failed this round and why: an error reply, or no reply within the round's timeout."""
-    out = []
-    answered = set()
+    """Who failed this round and why: an error reply, or no reply within the round's timeout.
+
+    Replies are matched to what was sent by message id: an error the SuperLink writes for an
+    unreachable node does not come from that node.
+    """
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    out, answered = [], set()
     for m in replies:
-        answered.add(m.metadata.src_node_id)
+        node = node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+        answered.add(node)
         if m.has_error():
             lines = (m.error.reason or "").strip().splitlines()
             out.append(
                 {
-                    "partition": partition_of.get(m.metadata.src_node_id),
+                    "partition": partition_of.get(node),
                     "code": int(m.error.code),
                     "reason": lines[-1] if lines else f"error code {m.error.code}",
                 }
             )
-    for m in sent:
-        if m.metadata.dst_node_id not in answered:
+    for node in node_of.values():
+        if node not in answered:
             out.append(
                 {
-                    "partition": partition_of.get(m.metadata.dst_node_id),
+                    "partition": partition_of.get(node),
                     "code": None,
                     "reason": "no reply within runtime.round_timeout_s",
                 }

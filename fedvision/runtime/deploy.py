@@ -47,7 +47,7 @@ CLIENT_FAILURES = (
     ),
     (
         re.compile(
-            r"public key.*not (found|registered|recognized)|Node is not registered|"
+            r"Failed to activate SuperNode|No SuperNode found with the given public key|"
             r"PERMISSION_DENIED|UNAUTHENTICATED",
             re.I,
         ),
@@ -81,8 +81,15 @@ class Child:
         return self.proc.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM the whole group, then SIGKILL what is left after ``timeout_s``."""
-        stop_group(self.proc.pid, timeout_s)
+        """SIGTERM the whole group (or the process), then SIGKILL after ``timeout_s``."""
+        if os.getpgid(self.proc.pid) == self.proc.pid:
+            stop_group(self.proc.pid, timeout_s)
+        else:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=1.0)
 
@@ -118,10 +125,29 @@ def _reap() -> None:
             pass
 
 
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM when the process that started it dies, even by SIGKILL, so
+    # a killed `fedvision client` never leaves a SuperNode that answers heartbeats but no tasks.
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_child(
-    name: str, cmd: Sequence[str], log: Path, env: Mapping[str, str] | None = None
+    name: str,
+    cmd: Sequence[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    own_group: bool = True,
 ) -> Child:
-    """Start ``cmd`` in a new process group, its output appended to ``log``."""
+    """Start ``cmd``, its output appended to ``log``; it dies with this process.
+
+    ``own_group``: a new process group (its children stop with it; Ctrl-C in the terminal
+    reaches only this process, which stops it). Else it shares this process's group, so that
+    whoever stops the group stops it too.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -130,7 +156,8 @@ def start_child(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else flower_env(),
-            start_new_session=True,
+            start_new_session=own_group,
+            preexec_fn=_die_with_parent,
         )
     return Child(name, proc, log)
 
@@ -390,7 +417,8 @@ def run_client(opts: ClientOptions, stop: threading.Event) -> int:
     from fedvision.runtime.client_worker import serve_tasks
 
     opts.check()
-    child = start_child("SuperNode", opts.command(), opts.log)
+    # In this process's group: stopping (or killing) the client's group stops its SuperNode.
+    child = start_child("SuperNode", opts.command(), opts.log, own_group=False)
     done: list[int] = []
     worker = threading.Thread(
         target=lambda: done.append(serve_tasks(f"127.0.0.1:{opts.port}", stop)),
@@ -407,6 +435,8 @@ def run_client(opts: ClientOptions, stop: threading.Event) -> int:
                 break
             stop.wait(0.5)
         died = not child.alive()  # on its own, not stopped by us
+        if died:
+            advice = diagnose(child)
     finally:
         stop.set()
         child.stop()

@@ -1,0 +1,287 @@
+"""A real federation on loopback: a SuperLink and three SuperNodes as processes, TLS on.
+
+Marked ``grpc`` (run by ``bash .ci/run``: ``pytest -m grpc``). Every process a test starts is
+in its own process group and is stopped when the test ends, also when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedvision import constants as C
+from fedvision.config import compose_config
+from fedvision.data.generate import generate_dataset
+from fedvision.errors import FedvisionError
+from fedvision.report.metrics import read_metrics
+from fedvision.rundir import read_status
+from fedvision.runner import run_experiment
+from fedvision.runtime.certs import make_certs
+from fedvision.runtime.deploy import ServerOptions, start_server, stop_group
+
+pytestmark = pytest.mark.grpc
+FLOWER = "flower-superlink|flower-supernode|flower-superexec|flwr-|fedvision.runtime.supernode"
+NUM = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate_dataset(
+        tmp_path_factory.mktemp("data") / "gen", num_classes=6, num_source=2,
+        train_per_class=150, val_per_class=25, size=32, workers=1, progress=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("certs")
+    make_certs(out, ["localhost", "127.0.0.1"], node_keys=NUM)
+    other = tmp_path_factory.mktemp("other-ca")
+    make_certs(other, ["localhost", "127.0.0.1"], node_keys=1)
+    return out, other
+
+
+def overrides(dataset, **extra) -> list[str]:
+    base = {
+        "data.root": str(dataset), "data.classes_file": str(dataset / "target_classes.txt"),
+        "data.size": 32, "data.workers": 1, "num_clients": NUM, "num_rounds": 2,
+        "partition": "iid", "model": "shufflenet_v2_x0_5", "model.weights": "none",
+        "client.local_steps": 3, "client.augment": "none", "progress": False,
+    }  # fmt: skip
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+class Federation:
+    """A SuperLink and SuperNodes on loopback, each a process group; ``close`` stops them all."""
+
+    def __init__(self, tmp: Path, certs: Path, *, auth: bool = False) -> None:
+        self.tmp, self.certs, self.auth = tmp, certs, auth
+        self.fleet, self.control = _free_port(), _free_port()
+        self.database = tmp / "state.db"
+        self.server = None
+        self.clients: dict[int, subprocess.Popen] = {}
+
+    def start_server(self) -> None:
+        keys = sorted((self.certs / "node-keys").glob("*.pub")) if self.auth else []
+        self.server = start_server(
+            ServerOptions(
+                certs=self.certs, database=self.database, fleet=f"127.0.0.1:{self.fleet}",
+                port=self.control, auth=self.auth, register=keys, log=self.tmp / "superlink.log",
+                flwr_home=self.tmp / "flwr-admin",
+            )
+        )  # fmt: skip
+
+    def client_cmd(self, pid: int, ca: Path, key: Path | None = None) -> list[str]:
+        cmd = [sys.executable, "-m", "fedvision.cli", "client", "--server",
+               f"localhost:{self.fleet}", "--partition-id", str(pid), "--root-certificates",
+               str(ca), "--port", str(_free_port()), "--threads", "1", "--device", "cpu",
+               "--log", str(self.tmp / f"supernode-{pid}.log")]  # fmt: skip
+        if key is not None:
+            cmd += ["--auth-key", str(key)]
+        return cmd
+
+    def start_client(self, pid: int) -> None:
+        key = self.certs / "node-keys" / f"node-{pid}" if self.auth else None
+        with (self.tmp / f"client-{pid}.err").open("w") as err:
+            self.clients[pid] = subprocess.Popen(
+                self.client_cmd(pid, self.certs / "ca.pem", key),
+                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+            )  # fmt: skip
+
+    def kill_client(self, pid: int) -> None:
+        stop_group(self.clients[pid].pid, timeout_s=0.0)  # SIGKILL at once: a crash
+
+    def kill_server(self) -> None:
+        stop_group(self.server.proc.pid, timeout_s=0.0)
+
+    def runtime(self) -> dict[str, str]:
+        return {
+            "runtime": "deployment", "runtime.server": f"localhost:{self.control}",
+            "runtime.root_certificates": str(self.certs / "ca.pem"),
+            "runtime.client_device": "cpu", "runtime.connect_timeout_s": 120,
+        }  # fmt: skip
+
+    def close(self) -> None:
+        for proc in self.clients.values():
+            stop_group(proc.pid, timeout_s=5.0)
+        if self.server is not None:
+            self.server.stop()
+
+
+def _nothing_left(tmp: Path, fleet: int) -> bool:
+    # Every process of a test names its tmp_path (logs, database) or its Fleet API port.
+    pattern = f"{tmp}|:{fleet}( |$)"
+    for _ in range(50):
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+        if not found.stdout.strip():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture
+def federation(tmp_path, certs, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    fed = Federation(tmp_path, certs[0])
+    yield fed
+    fed.close()
+    assert _nothing_left(tmp_path, fed.fleet)
+
+
+@pytest.fixture(scope="module")
+def simulated(dataset, tmp_path_factory):
+    """The same experiment in the Ray simulation: the reference for the deployment runs."""
+    run_dir = tmp_path_factory.mktemp("sim")
+    run_experiment(compose_config(overrides(dataset, num_rounds=3)), run_dir)
+    return run_dir
+
+
+def test_tls_run_equals_the_simulation_exactly(dataset, federation, simulated, tmp_path):
+    federation.start_server()
+    for pid in range(NUM):
+        federation.start_client(pid)
+    run_dir = tmp_path / "run"
+    summary = run_experiment(
+        compose_config(overrides(dataset, num_rounds=3, **federation.runtime())), run_dir
+    )
+    assert summary["rounds_done"] == 3
+    got, want = read_metrics(run_dir), read_metrics(simulated)
+    for g, w in zip(got, want, strict=True):
+        for key in ("test_accuracy", "test_loss", "val_accuracy", "train_loss", "clients"):
+            assert g.get(key) == w.get(key), (key, g, w)  # exactly: the same float ops on the CPU
+    a = torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["model"]
+    b = torch.load(simulated / C.CKPT_LATEST, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_client_killed_mid_round_is_recorded_and_the_run_finishes(dataset, federation, tmp_path):
+    federation.start_server()
+    for pid in range(NUM):
+        federation.start_client(pid)
+    run_dir = tmp_path / "run"
+    cfg = overrides(
+        dataset, num_rounds=4, min_train_replies=2, **{"client.local_steps": 40},
+        **{"runtime.round_timeout_s": 120},
+        **federation.runtime(),
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedvision.cli", "run", f"hydra.run.dir={run_dir}", *cfg],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_round(run_dir, 1, proc)
+        federation.kill_client(2)  # round 2 is training now
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        stop_group(proc.pid, timeout_s=5.0)
+    assert read_status(run_dir)["status"] == "finished", out
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
+    failed = [r for r in records[1:] if r["num_failures"]]
+    assert failed and failed[0]["round"] == 2
+    assert {f["partition"] for r in failed for f in r["failures"]} == {2}
+    assert all(r["num_clients"] == 2 for r in records[2:])  # the others went on
+
+
+def _wait_for_round(run_dir: Path, rnd: int, proc: subprocess.Popen, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.stdout.read()}")
+        try:
+            if any(r["round"] >= rnd for r in read_metrics(run_dir)):
+                return
+        except (ValueError, OSError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"round {rnd} did not finish within {timeout_s} s")
+
+
+def test_server_killed_and_restarted_resumes_to_the_uninterrupted_metrics(
+    dataset, federation, simulated, tmp_path
+):
+    federation.start_server()
+    for pid in range(NUM):
+        federation.start_client(pid)
+    run_dir = tmp_path / "run"
+    cfg = overrides(dataset, num_rounds=3, **federation.runtime())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedvision.cli", "run", f"hydra.run.dir={run_dir}", *cfg],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_round(run_dir, 1, proc)
+        federation.kill_server()  # the SuperLink and the ServerApp with it
+        proc.wait(timeout=120)
+    finally:
+        stop_group(proc.pid, timeout_s=5.0)
+    assert read_status(run_dir) is None or read_status(run_dir)["status"] != "finished"
+    federation.start_server()  # the same database; the clients reconnect on their own
+    summary = run_experiment(*_resumed(run_dir), resume_changes={})
+    assert summary["rounds_done"] == 3
+    got, want = read_metrics(run_dir), read_metrics(simulated)
+    assert [r["round"] for r in got] == [0, 1, 2, 3]
+    for g, w in zip(got, want, strict=True):
+        for key in ("test_accuracy", "test_loss", "train_loss", "clients"):
+            assert g.get(key) == w.get(key), (key, g, w)
+
+
+def _resumed(run_dir: Path):
+    from omegaconf import OmegaConf
+
+    from fedvision.rundir import load_run_config
+
+    cfg = OmegaConf.create(load_run_config(run_dir))
+    cfg.resume = str(run_dir)
+    return cfg, run_dir
+
+
+def test_unregistered_key_and_foreign_ca_are_refused_with_the_reason(
+    dataset, tmp_path, certs, monkeypatch
+):
+    mine, other = certs
+    fed = Federation(tmp_path, mine, auth=True)
+    try:
+        fed.start_server()
+        # A key the server never registered: refused, and the client says so and exits.
+        done = subprocess.run(
+            fed.client_cmd(0, mine / "ca.pem", other / "node-keys" / "node-0"),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2
+        assert "refused this node's key" in done.stderr and "register" in done.stderr
+        # A client that trusts another CA: the handshake fails, and it says why.
+        done = subprocess.run(
+            fed.client_cmd(1, other / "ca.pem", mine / "node-keys" / "node-1"),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2
+        assert "not signed by the CA" in done.stderr
+        # A registered key with the right CA joins: it is still running after the others left.
+        fed.start_client(2)
+        time.sleep(5)
+        assert fed.clients[2].poll() is None
+    finally:
+        fed.close()
+    assert _nothing_left(tmp_path, fed.fleet)
+
+
+def test_deployment_config_errors_come_before_any_work(dataset, tmp_path):
+    with pytest.raises(FedvisionError, match="root_certificates"):
+        run_experiment(compose_config(overrides(dataset, runtime="deployment")), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    assert os.environ.get("FLWR_HOME")  # the conftest's private Flower home
