@@ -178,10 +178,7 @@ def test_a_client_killed_mid_round_is_recorded_and_the_run_finishes(dataset, fed
         **{"runtime.round_timeout_s": 120},
         **federation.runtime(),
     )  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedvision.cli", "run", f"hydra.run.dir={run_dir}", *cfg],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    proc = _submit(run_dir, cfg)
     try:
         _wait_for_round(run_dir, 1, proc)
         federation.kill_client(2)  # round 2 is training now
@@ -195,6 +192,14 @@ def test_a_client_killed_mid_round_is_recorded_and_the_run_finishes(dataset, fed
     assert failed and failed[0]["round"] == 2
     assert {f["partition"] for r in failed for f in r["failures"]} == {2}
     assert all(r["num_clients"] == 2 for r in records[2:])  # the others went on
+
+
+def _submit(run_dir: Path, cfg: list[str]) -> subprocess.Popen:
+    """`fedvision run` of ``cfg`` in the background, in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedvision.cli", "run", f"hydra.run.dir={run_dir}", *cfg],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
 
 
 def _wait_for_round(run_dir: Path, rnd: int, proc: subprocess.Popen, timeout_s: float = 300):
@@ -219,10 +224,7 @@ def test_server_killed_and_restarted_resumes_to_the_uninterrupted_metrics(
         federation.start_client(pid)
     run_dir = tmp_path / "run"
     cfg = overrides(dataset, num_rounds=3, **federation.runtime())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedvision.cli", "run", f"hydra.run.dir={run_dir}", *cfg],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    proc = _submit(run_dir, cfg)
     try:
         _wait_for_round(run_dir, 1, proc)
         federation.kill_server()  # the SuperLink and the ServerApp with it

@@ -61,7 +61,9 @@ def test_each_simulated_client_keeps_its_batchnorm_across_rounds(tmp_path):
     # Nothing of BatchNorm travels: each direction carries the full model minus its BN entries.
     state = build_model("resnet18", 2).state_dict()
     bn = set(batchnorm_keys(build_model("resnet18", 2)))
-    shared = sum(128 + 4 * t.numel() + len(k) for k, t in state.items() if k not in bn)
+    # One packed float32 array per message (fedvision/fl/arrays.py): a 128-byte .npy header,
+    # the floats, and its key.
+    shared = 128 + 4 * sum(t.numel() for k, t in state.items() if k not in bn) + len(C.KEY_FLAT)
     assert all(r["bytes_down"] == r["bytes_up"] == 2 * shared for r in records[1:])
     latest = torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["model"]
     initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)

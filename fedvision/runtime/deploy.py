@@ -82,7 +82,12 @@ class Child:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the whole group (or the process), then SIGKILL after ``timeout_s``."""
-        if os.getpgid(self.proc.pid) == self.proc.pid:
+        try:
+            leader = os.getpgid(self.proc.pid) == self.proc.pid
+        except ProcessLookupError:  # gone already
+            _reap()
+            return
+        if leader:
             stop_group(self.proc.pid, timeout_s)
         else:
             self.proc.terminate()
@@ -202,12 +207,11 @@ def _tls_files(certs: Path | None, insecure: bool, *, server: bool) -> dict[str,
             "TLS needs certificates: pass --certs DIR (made by `fedvision certs`), or --insecure "
             "for an unencrypted federation on a trusted network"
         )
-    names = (
-        {"ca": "ca.pem", "cert": "server.pem", "key": "server.key"} if server else {"ca": "ca.pem"}
-    )
-    files = {k: Path(certs) / v for k, v in names.items()}
-    if (certs / "ca.pem").is_file() is False and certs.is_file() and not server:
-        files = {"ca": certs}  # a client may name the CA file itself
+    certs = Path(certs)
+    if server:
+        files = {"ca": certs / "ca.pem", "cert": certs / "server.pem", "key": certs / "server.key"}
+    else:  # a client names the CA file itself, or the folder holding it
+        files = {"ca": certs if certs.is_file() else certs / "ca.pem"}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise FedvisionError(
