@@ -24,3 +24,11 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FEDVISION_HOME", str(home / "fedvision"))
     monkeypatch.setenv("FLWR_HOME", str(home / "flwr"))
     yield
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item, so that fixtures can tell a failed test."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep

@@ -7,6 +7,7 @@ in its own process group and is stopped when the test ends, also when it fails.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -115,6 +116,20 @@ class Federation:
             "runtime.client_device": "cpu", "runtime.connect_timeout_s": 120,
         }  # fmt: skip
 
+    def report(self) -> str:
+        """Each client's state and the last lines of its SuperNode log: why a test failed."""
+        out = []
+        for pid, proc in sorted(self.clients.items()):
+            code = proc.poll()
+            out.append(f"client {pid}: " + ("running" if code is None else f"exited {code}"))
+            for name in (f"client-{pid}.err", f"supernode-{pid}.log"):
+                path = self.tmp / name
+                text = path.read_text(errors="replace") if path.exists() else ""
+                text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Flower's colours
+                lines = [ln for ln in text.splitlines() if ln.strip()]
+                out += [f"  {name}: {ln[:200]}" for ln in lines[-12:]]
+        return "\n".join(out)
+
     def close(self) -> None:
         for proc in self.clients.values():
             stop_group(proc.pid, timeout_s=5.0)
@@ -134,10 +149,12 @@ def _nothing_left(tmp: Path, fleet: int) -> bool:
 
 
 @pytest.fixture
-def federation(tmp_path, certs, monkeypatch):
+def federation(tmp_path, certs, monkeypatch, request):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     fed = Federation(tmp_path, certs[0])
     yield fed
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        print(fed.report())  # shown with the failure: the clients' side of the story
     fed.close()
     assert _nothing_left(tmp_path, fed.fleet)
 
