@@ -28,12 +28,62 @@ from fedvision.errors import FedvisionError
 FAB_ID = "fedvision/fedvision"
 
 
+class TaskWithdrawn(Exception):
+    """The SuperNode no longer knows this task (its run ended or was stopped): drop it."""
+
+
+def _retry_invoker():
+    """Flower's Runtime API retry policy, minus its reaction to a refused task token.
+
+    On HTTP 401 Flower's policy sends SIGINT to its own process, which is right for a
+    one-task ``flwr-clientapp`` but here would stop the whole client: a task of a run that
+    ended while the SuperLink was away (a server restart) is refused, and the client must
+    go on to the next run's tasks. 401 and 403 (run not running) end this task only.
+    """
+    import httpx
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    invoker = make_simple_http_retry_invoker()
+    flower_giveup = invoker.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (401, 403):
+            raise TaskWithdrawn(f"the SuperNode refused the task (HTTP {exc.response.status_code})")
+        return flower_giveup(exc)
+
+    invoker.should_giveup = should_giveup
+    return invoker
+
+
+def _task_heartbeat_fn(client, withdrawn: threading.Event):
+    """Flower's task heartbeat, except that a refused beat marks the task withdrawn.
+
+    Flower's own (``make_task_heartbeat_fn_http``) raises SIGINT in its process when the
+    SuperNode no longer knows the task; in this long-lived worker that would stop the client.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    def beat() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except httpx.TransportError:
+            return False  # the SuperNode is busy or restarting: Flower's sender retries
+        except (httpx.HTTPStatusError, TaskWithdrawn):
+            withdrawn.set()
+            return True
+        if not res.success:
+            withdrawn.set()
+        return True
+
+    return beat
+
+
 def _client(address: str, token: str | None, root_certificates: bytes | None):
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
     )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
@@ -44,7 +94,7 @@ def _client(address: str, token: str | None, root_certificates: bytes | None):
         insecure=root_certificates is None,
         root_certificates=root_certificates,
         interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=_retry_invoker(),
     )
 
 
@@ -100,14 +150,16 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
+    from flwr.supercore.run import RunNotRunningException
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     from fedvision.fl.clientapp import app
 
     pull_task_input = _pull_task_input
     client = _client(address, token, root_certificates)
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    withdrawn = threading.Event()
+    heartbeat = HeartbeatSender(_task_heartbeat_fn(client, withdrawn))
     heartbeat.start()
     message = context = reply = None
     status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
@@ -120,6 +172,8 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
             )
         reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
+    except (TaskWithdrawn, RunNotRunningException):
+        withdrawn.set()
     except Exception as exc:  # the server must get a reply saying why, whatever failed
         logging.getLogger("fedvision").exception("ClientApp raised an exception")
         details = f"{type(exc)}:<'{exc}'>"
@@ -130,9 +184,13 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
             )
     finally:
         try:
-            if reply is not None and context is not None:
+            # A withdrawn task's run ended meanwhile: nobody waits for its reply.
+            if reply is not None and context is not None and not withdrawn.is_set():
                 push_message(client, reply, context)
-            push_task_output(client=client, context=context, sub_status=status, details=details)
+            if not withdrawn.is_set():
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+        except (TaskWithdrawn, RunNotRunningException):
+            status = SubStatus.FAILED  # the run ended meanwhile: nobody waits for this reply
         finally:
             heartbeat.stop()
             client.close()
@@ -169,7 +227,10 @@ def serve_tasks(
             stop.wait(1.0)
             continue
         if res.HasField("task") and res.token:
-            run_task(address, res.token, root_certificates)
+            try:
+                run_task(address, res.token, root_certificates)
+            except Exception:  # one task's trouble must not end the client's service
+                logging.getLogger("fedvision").exception("a ClientApp task could not finish")
             done += 1
         else:
             time.sleep(poll_s)

@@ -1,0 +1,103 @@
+"""The warm task worker survives what a server restart does to its tasks (no processes started).
+
+After a SuperLink restart, a client may hold a task of the run that died with the old server.
+The SuperNode then refuses the task's token (HTTP 401/403) and its heartbeats. Flower's own
+helpers answer both by raising SIGINT in their process, which for this long-lived worker meant
+stopping the whole client: the restarted run then waited in vain for it (CI, 2026-11-28).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from fedvision.runtime import client_worker
+from fedvision.runtime.client_worker import TaskWithdrawn, _retry_invoker, _task_heartbeat_fn
+
+
+@pytest.fixture
+def sigints(monkeypatch):
+    """Every SIGINT this process raises while the test runs, instead of the default handler."""
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: seen.append(signum))
+    yield seen
+    signal.signal(signal.SIGINT, previous)
+
+
+def _status_error(code: int) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "http://127.0.0.1:9094/v1/runtime/pull-messages")
+    return httpx.HTTPStatusError("refused", request=request, response=httpx.Response(code))
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_refused_task_token_ends_the_task_not_the_process(code, sigints):
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise _status_error(code)
+
+    with pytest.raises(TaskWithdrawn, match=str(code)):
+        _retry_invoker().invoke(refused)
+    assert calls == [1]  # no retries of a refused token
+    assert sigints == []
+
+
+def test_a_server_error_is_still_retried_as_flower_does(sigints):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 2:
+            raise _status_error(503)
+        return "ok"
+
+    invoker = _retry_invoker()
+    invoker.wait_function = lambda _s: None  # no real back-off in a unit test
+    assert invoker.invoke(flaky) == "ok"
+    assert len(calls) == 2
+    assert sigints == []
+
+
+def test_a_refused_heartbeat_marks_the_task_withdrawn_without_sigint(sigints):
+    withdrawn = threading.Event()
+    client = SimpleNamespace(SendTaskHeartbeat=lambda _req: SimpleNamespace(success=False))
+    assert _task_heartbeat_fn(client, withdrawn)() is True  # nothing to retry
+    assert withdrawn.is_set()
+    assert sigints == []
+
+    ok = threading.Event()
+    alive = SimpleNamespace(SendTaskHeartbeat=lambda _req: SimpleNamespace(success=True))
+    assert _task_heartbeat_fn(alive, ok)() is True
+    assert not ok.is_set()
+
+
+def test_the_worker_keeps_serving_after_a_task_fails(monkeypatch):
+    stop = threading.Event()
+    tasks = iter(["stale-task", "next-run-task"])
+
+    def acquire(_req):
+        token = next(tasks, None)
+        if token is None:
+            stop.set()
+            return SimpleNamespace(HasField=lambda _f: False, token="")
+        return SimpleNamespace(HasField=lambda f: f == "task", token=token)
+
+    fake = SimpleNamespace(AcquireTask=acquire, close=lambda: None)
+    monkeypatch.setattr(client_worker, "_client", lambda *_a: fake)
+    ran = []
+
+    def run_task(_address, token, _certs=None):
+        ran.append(token)
+        if token == "stale-task":
+            raise TaskWithdrawn("the SuperNode refused the task (HTTP 401)")
+        return "completed"
+
+    monkeypatch.setattr(client_worker, "run_task", run_task)
+    done = client_worker.serve_tasks("127.0.0.1:1", stop, poll_s=0.0)
+    assert ran == ["stale-task", "next-run-task"]
+    assert done == 2
