@@ -9,6 +9,7 @@ CACHE_PROGRESS = "progress.jsonl"  # resumable prepare: one line per finished ch
 # --- partitions ----------------------------------------------------------------------------------
 PARTITION_FILE = "partition.npz"
 PARTITION_STATS = "partition_stats.md"
+PARTITION_SUMMARY = "partition.json"  # the partition's fingerprint and heterogeneity numbers
 PARTITION_HEATMAP = "partition_heatmap.png"
 
 # --- run directory -------------------------------------------------------------------------------
@@ -16,6 +17,7 @@ RUN_CONFIG = "config.yaml"  # the resolved config as the run started; never rewr
 RUN_RESUMES = "resumes.jsonl"  # one line per resume: after which round, which keys changed
 RUN_PLAN = "run.json"  # what the launcher prepared: caches, partition, classes (apps read it)
 RUN_STATUS = "status.json"  # written by the ServerApp when it ends: finished or failed, and why
+SWEEP_SUMMARY = "sweep.json"  # a sweep directory's list of its runs and how each ended
 RUN_INITIAL = "initial_weights.pt"  # the round-0 global model, written before the runtime starts
 RUN_WEIGHTS = "weights.json"  # where the round-0 weights came from: kept / re-initialised layers
 SERVER_VAL = "server_val.npy"  # training-set indices the server holds out for model selection

@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,6 +52,7 @@ from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.server import check_strategy
 from fedvision.models import LoadReport, build_model, build_model_reporting, list_architectures
 from fedvision.report.heatmap import plot_partition_heatmap
+from fedvision.report.tracking import check_tracking
 from fedvision.rundir import (
     RunPlan,
     append_resume,
@@ -56,6 +60,7 @@ from fedvision.rundir import (
     read_plan,
     read_status,
     write_plan,
+    write_status,
 )
 from fedvision.runtime import Runtime
 
@@ -151,6 +156,7 @@ def check_config(cfg: DictConfig) -> Runtime:
     if horizon < 1:
         raise FedvisionError(f"client.lr_horizon={horizon} must be >= 1")
     check_every_round(plain)  # every round's config, as the clients will read it
+    check_tracking(plain)
     return build_runtime(cfg)
 
 
@@ -179,8 +185,11 @@ def write_partition(prepared: PreparedDataset, cfg: DictConfig, out_dir: Path) -
     if held.size:
         np.save(out_dir / C.SERVER_VAL, held)
     save_partition(partition, out_dir / C.PARTITION_FILE)
-    table = format_partition_table(
-        partition_stats(partition, labels), summary_stats(partition, labels)
+    summary = summary_stats(partition, labels)
+    table = format_partition_table(partition_stats(partition, labels), summary)
+    # Machine-readable for `fedvision report`: the full fingerprint and how non-IID it is.
+    write_json_atomic(
+        out_dir / C.PARTITION_SUMMARY, {**summary, "fingerprint": partition.fingerprint}
     )
     (out_dir / C.PARTITION_STATS).write_text(
         f"partition fingerprint: {partition.fingerprint}\n"
@@ -390,19 +399,74 @@ def hydra_main(cfg: DictConfig) -> float | None:
     # A sweep runs its jobs in one process: only the first job's start-up includes the process's.
     first_job = int(hc.job.get("num", 0) or 0) == 0
     timings = {"start": _process_start() if first_job else time.time(), "imported": time.time()}
+    run_dir = Path(hc.runtime.output_dir)
     try:
         if cfg.resume is not None:
             run_dir = check_resume_dir(str(cfg.resume))
             cfg, changes = resumed_config(run_dir, cfg, list(hc.overrides.task))
             summary = run_experiment(cfg, run_dir, resume_changes=changes, timings=timings)
         else:
-            summary = run_experiment(cfg, Path(hc.runtime.output_dir), timings=timings)
-    except FedvisionError as exc:
-        # A user mistake: one line, no traceback (Hydra would print one for any exception).
-        print(f"fedvision: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+            summary = run_experiment(cfg, run_dir, timings=timings)
+    except Exception as exc:
+        if hc.mode != RunMode.MULTIRUN:
+            if isinstance(exc, FedvisionError):
+                # A user mistake: one line, no traceback (Hydra would print one otherwise).
+                print(f"fedvision: error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
+        # In a sweep one failed run must not cost the others: record it where `fedvision
+        # report` lists it, say so, and go on to the next job.
+        record_failed_job(cfg, run_dir, exc)
+        return None
     print(json.dumps({k: v for k, v in summary.items() if k != "timings"}))
     return summary.get("val_accuracy_best")
+
+
+def record_failed_job(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
+    """Leave a failed sweep job's config and reason in its directory, and print one line."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / C.RUN_CONFIG).is_file():  # it failed before the config was written
+        (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    status = read_status(run_dir)
+    if status is None or status.get("status") != "failed":  # the server's reason comes first
+        write_status(
+            run_dir, "failed", reason, user_error=isinstance(exc, FedvisionError),
+            type=type(exc).__name__,
+        )  # fmt: skip
+    if not isinstance(exc, FedvisionError):
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"fedvision: run {run_dir} failed: {reason}; the sweep goes on", file=sys.stderr)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a sweep, list its runs' outcomes in ``sweep.json``.
+
+    Exits with status 1 when any run failed, after every run had its turn, so that a script
+    notices (``fedvision report`` still tabulates the finished runs and lists the failed).
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Write ``<sweep dir>/sweep.json`` and print one line per failed run."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = []
+        for cfg_file in sorted(sweep_dir.glob(f"*/{C.RUN_CONFIG}")):
+            status = read_status(cfg_file.parent) or {"status": "unfinished"}
+            jobs.append(
+                {"dir": cfg_file.parent.name, "status": status["status"],
+                 "error": status.get("error")}
+            )  # fmt: skip
+        write_json_atomic(sweep_dir / C.SWEEP_SUMMARY, {"jobs": jobs})
+        failed = [j for j in jobs if j["status"] != "finished"]
+        print(
+            f"fedvision: sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} runs "
+            f"finished" + (f", {len(failed)} did not:" if failed else ""),
+            file=sys.stderr,
+        )
+        for job in failed:
+            print(f"  {job['dir']}: {job['status']}: {job['error']}", file=sys.stderr)
+        if failed:
+            raise SystemExit(1)
 
 
 def _process_start() -> float:

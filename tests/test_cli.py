@@ -80,6 +80,10 @@ def test_prepare_then_partition_with_run_overrides(tree, tmp_path, capsys):
 
     part = load_partition(out / C.PARTITION_FILE)
     assert part.spec.alpha == 0.3 and part.num_clients == 3
+    # What `fedvision report` reads: the full fingerprint and how far from IID the split is.
+    summary = json.loads((out / C.PARTITION_SUMMARY).read_text())
+    assert summary["fingerprint"] == part.fingerprint and summary["clients"] == 3
+    assert 0.0 < summary["mean_tv"] <= summary["max_tv"] <= 1.0
     # One image per class (10 % of 12, rounded) is the server's validation part; the clients
     # share the rest, and together they hold every training image exactly once.
     held = np.load(out / C.SERVER_VAL)

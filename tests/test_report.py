@@ -98,3 +98,59 @@ def test_group_names_skip_absent_keys_and_name_targets_by_class():
         name for name, _ in group_runs([run(0, **fedavg), run(1, **fedavg), run(0, **fedprox)])
     ]
     assert names == ["strategy=FedAvg", "strategy=FedProx, strategy.proximal_mu=0.01"]
+
+
+def _with_partition(path, tv, fingerprint):
+    (path / C.PARTITION_SUMMARY).write_text(json.dumps({"mean_tv": tv, "fingerprint": fingerprint}))
+
+
+def _fake_strategy_run(path, *, seed, alpha, strategy, best):
+    fake_run(path, seed=seed, alpha=alpha, accs=[0.1, best], best=best)
+    cfg = yaml.safe_load((path / C.RUN_CONFIG).read_text())
+    cfg["strategy"] = {"_target_": f"flwr.serverapp.strategy.{strategy}"}
+    (path / C.RUN_CONFIG).write_text(yaml.safe_dump(cfg))
+
+
+def test_report_shows_heterogeneity_groups_by_chosen_keys_and_sorts(tmp_path):
+    sweep = tmp_path / "sweep"
+    # alpha 0.1: TV 0.6 and 0.8 (mean 0.7, std sqrt(2 * 0.1^2 / 1) = 0.1414); alpha 100: 0.02.
+    runs = [
+        ("0", 0, 0.1, "FedAvg", 0.30, 0.6, "a"), ("1", 1, 0.1, "FedAvg", 0.40, 0.8, "b"),
+        ("2", 0, 0.1, "FedProx", 0.50, 0.6, "a"), ("3", 1, 0.1, "FedProx", 0.60, 0.8, "b"),
+        ("4", 0, 100, "FedAvg", 0.70, 0.02, "c"), ("5", 1, 100, "FedAvg", 0.90, 0.02, "d"),
+    ]  # fmt: skip
+    for name, seed, alpha, strategy, best, tv, fp in runs:
+        _fake_strategy_run(sweep / name, seed=seed, alpha=alpha, strategy=strategy, best=best)
+        _with_partition(sweep / name, tv, fp)
+    out = tmp_path / "rep"
+    argv = ["report", str(sweep), "--out", str(out), "--sort-by", "accuracy"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / C.REPORT_CSV).open()))
+    # Best first: alpha 100 (0.8), alpha 0.1 FedProx (0.55), alpha 0.1 FedAvg (0.35).
+    assert [r["group"] for r in rows] == [
+        "partition.alpha=100, strategy=FedAvg",
+        "partition.alpha=0.1, strategy=FedProx",
+        "partition.alpha=0.1, strategy=FedAvg",
+    ]
+    assert float(rows[1]["label_tv_mean"]) == pytest.approx(0.7)
+    assert float(rows[1]["label_tv_std"]) == pytest.approx(0.1414, abs=1e-4)
+    assert int(rows[1]["partitions"]) == 2  # two seeds, two partitions
+    assert "0.70 ± 0.14" in (out / C.REPORT_MD).read_text()
+
+    # Grouped by alpha only: the strategies are pooled; IID first by heterogeneity.
+    argv = ["report", str(sweep), "--out", str(out), "--group-by", "partition.alpha",
+            "--sort-by", "heterogeneity"]  # fmt: skip
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / C.REPORT_CSV).open()))
+    assert [r["group"] for r in rows] == ["partition.alpha=100", "partition.alpha=0.1"]
+    # alpha 0.1 over four runs: (0.3 + 0.4 + 0.5 + 0.6) / 4 = 0.45.
+    assert float(rows[1]["test_accuracy_at_best_val_mean"]) == pytest.approx(0.45)
+    assert int(rows[1]["runs"]) == 4
+
+
+def test_report_refuses_an_unknown_sort_key(tmp_path):
+    from fedvision.errors import FedvisionError
+    from fedvision.report.table import summarise
+
+    with pytest.raises(FedvisionError, match="sort by 'speed'"):
+        summarise([], 0.5, sort_by="speed")

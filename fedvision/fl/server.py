@@ -49,6 +49,7 @@ from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, sub
 from fedvision.fl.round_config import lr_horizon, train_config
 from fedvision.models import build_model
 from fedvision.report.metrics import RunRecorder, read_metrics
+from fedvision.report.tracking import build_tracker
 from fedvision.rundir import RunPlan, load_run_config, read_plan, write_status
 from strategies.sampling import SeededSampling, base_strategy, sample_size
 
@@ -352,7 +353,9 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     else:
         initial = torch.load(run_dir / C.RUN_INITIAL, map_location="cpu", weights_only=True)
         arrays, start, history = float32_arrays(initial), 0, []
-    recorder = RunRecorder(run_dir, history, select_on=select_on)
+    recorder = RunRecorder(
+        run_dir, history, select_on=select_on, tracker=build_tracker(cfg, run_dir)
+    )
     # The strategy sees only what training changes (and FedBN keeps BatchNorm on the clients);
     # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
     parts = run_parts(cfg, num_classes)

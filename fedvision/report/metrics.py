@@ -9,6 +9,7 @@ from pathlib import Path
 from fedvision import constants as C
 from fedvision.atomic import write_json_atomic, write_text_atomic
 from fedvision.report.plots import plot_curves
+from fedvision.report.tracking import NoTracker, Tracker
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -33,13 +34,20 @@ class RunRecorder:
     history : records of rounds already done (when resuming); the file is rewritten to hold
         exactly these, so rounds after the checkpoint that resumed are not counted twice.
     select_on : the record key that picks the best round, or None (no validation data).
+    tracker : where each record is mirrored too (TensorBoard, W&B, MLflow); closed by ``finish``.
     """
 
     def __init__(
-        self, run_dir: Path, history: Sequence[dict] = (), *, select_on: str | None = None
+        self,
+        run_dir: Path,
+        history: Sequence[dict] = (),
+        *,
+        select_on: str | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.select_on = select_on
+        self.tracker = tracker or NoTracker()
         self.records: list[dict] = list(history)
         self.path = run_dir / C.RUN_METRICS
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
@@ -65,6 +73,7 @@ class RunRecorder:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        self.tracker.log(record, int(record["round"]))
 
     def finish(self, *, num_rounds: int, wall_s: float, extra: dict | None = None) -> dict:
         """Write ``summary.json`` and ``curves.png``; return the summary.
@@ -90,4 +99,5 @@ class RunRecorder:
         }
         write_json_atomic(self.run_dir / C.RUN_SUMMARY, summary)
         plot_curves(self.records, self.run_dir / C.RUN_CURVES, title=str(self.run_dir.name))
+        self.tracker.close()
         return summary

@@ -42,6 +42,7 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
     error: str | None = None
+    partition: dict[str, Any] = field(default_factory=dict)  # partition.json: fingerprint, TV
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -84,7 +85,12 @@ def load_run(path: Path) -> Run:
         state, error, summary = "failed", status.get("error"), {}
     else:
         state, error, summary = "unfinished", None, {}
-    return Run(path, state, settings, int(flat.get("seed", 0)), summary, read_metrics(path), error)
+    part_file = path / C.PARTITION_SUMMARY
+    partition = json.loads(part_file.read_text()) if part_file.is_file() else {}
+    return Run(
+        path, state, settings, int(flat.get("seed", 0)), summary, read_metrics(path), error,
+        partition,
+    )  # fmt: skip
 
 
 def rounds_to_target(records: Sequence[dict], target: float) -> int | None:
@@ -99,18 +105,32 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, statistics.stdev(values) if len(values) > 1 else None
 
 
-def group_runs(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
-    """Runs grouped by settings; each group named by the settings that differ between groups."""
+def _grouping(run: Run, by: Sequence[str] | None) -> dict[str, Any]:
+    if by is None:
+        return run.settings
+    # A prefix names a whole config group: `strategy` stands for every strategy.* key.
+    return {
+        k: v for k, v in run.settings.items() if any(k == b or k.startswith(b + ".") for b in by)
+    }
+
+
+def group_runs(runs: Sequence[Run], by: Sequence[str] | None = None) -> list[tuple[str, list[Run]]]:
+    """Runs grouped by settings; each group named by the settings that differ between groups.
+
+    ``by`` restricts the grouping to these keys (or key prefixes): runs that differ only in
+    other settings are pooled, e.g. ``by=["partition.alpha"]`` averages over strategies too.
+    """
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(json.dumps(run.settings, sort_keys=True, default=str), []).append(run)
-    keys = sorted({k for run in runs for k in run.settings})
+        key = json.dumps(_grouping(run, by), sort_keys=True, default=str)
+        groups.setdefault(key, []).append(run)
+    keys = sorted({k for run in runs for k in _grouping(run, by)})
     varying = [
         k for k in keys if len({json.dumps(r.settings.get(k), default=str) for r in runs}) > 1
     ]
     named = []
     for members in groups.values():
-        s = members[0].settings
+        s = _grouping(members[0], by)
         # A key this group lacks (FedAvg has no proximal_mu) says nothing; a `_target_` is
         # named by its class (strategy=FedProx), the way a reader knows it.
         parts = [
@@ -124,10 +144,27 @@ def group_runs(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
     return sorted(named)
 
 
-def summarise(runs: Sequence[Run], target: float) -> list[dict[str, Any]]:
-    """One row per group: mean and std over its finished runs, and how many runs it has."""
+SORT_KEYS = ("group", "accuracy", "heterogeneity")
+
+
+def summarise(
+    runs: Sequence[Run],
+    target: float,
+    *,
+    group_by: Sequence[str] | None = None,
+    sort_by: str = "group",
+) -> list[dict[str, Any]]:
+    """One row per group: mean and std over its finished runs, and how many runs it has.
+
+    Each row also says how non-IID its partitions were (``label_tv``: the mean total-variation
+    distance of a client's label distribution to the global one, 0 = IID) and how many distinct
+    partitions (fingerprints) its runs used. ``sort_by``: ``group`` (name), ``accuracy`` (test
+    accuracy at the best validation round, best first) or ``heterogeneity`` (label_tv, IID first).
+    """
+    if sort_by not in SORT_KEYS:
+        raise FedvisionError(f"sort by {sort_by!r}: use one of {', '.join(SORT_KEYS)}")
     rows = []
-    for name, members in group_runs(runs):
+    for name, members in group_runs(runs, group_by):
         done = [r for r in members if r.status == "finished"]
         row: dict[str, Any] = {
             "group": name,
@@ -135,6 +172,10 @@ def summarise(runs: Sequence[Run], target: float) -> list[dict[str, Any]]:
             "seeds": " ".join(str(r.seed) for r in done),
             "not_finished": len(members) - len(done),
         }
+        row["label_tv_mean"], row["label_tv_std"] = _mean_std(
+            [float(r.partition["mean_tv"]) for r in done if "mean_tv" in r.partition]
+        )
+        row["partitions"] = len({r.partition["fingerprint"] for r in done if r.partition})
         for key in ("test_accuracy_final", "test_accuracy_at_best_val", "wall_s"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(
                 [float(r.summary[key]) for r in done if r.summary.get(key) is not None]
@@ -148,6 +189,10 @@ def summarise(runs: Sequence[Run], target: float) -> list[dict[str, Any]]:
         )
         row["reached_target"] = sum(x is not None for x in reached)
         rows.append(row)
+    if sort_by == "accuracy":
+        rows.sort(key=lambda r: -(r["test_accuracy_at_best_val_mean"] or -1.0))
+    elif sort_by == "heterogeneity":
+        rows.sort(key=lambda r: (r["label_tv_mean"] is None, r["label_tv_mean"] or 0.0))
     return rows
 
 
@@ -160,16 +205,17 @@ def _pm(mean: float | None, std: float | None, fmt: str = "{:.3f}") -> str:
 def format_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], target: float) -> str:
     """The table a paper could use, plus the runs that were left out and why."""
     lines = [
-        f"| group | runs | test acc. (final) | test acc. at best val. | rounds to {target:g} | "
-        "GB moved | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| group | runs | label TV | test acc. (final) | test acc. at best val. | "
+        f"rounds to {target:g} | GB moved | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         reach = f"{_pm(r['rounds_to_target_mean'], r['rounds_to_target_std'], '{:.1f}')} "
         reach += f"({r['reached_target']}/{r['runs']})"
         gb = "-" if r["bytes_mean"] is None else f"{r['bytes_mean'] / 1e9:.2f}"
+        tv = _pm(r["label_tv_mean"], r["label_tv_std"], "{:.2f}")
         lines.append(
-            f"| {r['group']} | {r['runs']} | "
+            f"| {r['group']} | {r['runs']} | {tv} | "
             f"{_pm(r['test_accuracy_final_mean'], r['test_accuracy_final_std'])} | "
             f"{_pm(r['test_accuracy_at_best_val_mean'], r['test_accuracy_at_best_val_std'])} | "
             f"{reach} | {gb} | {_pm(r['wall_s_mean'], r['wall_s_std'], '{:.0f}')} |"
@@ -183,10 +229,10 @@ def format_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], target:
     return "\n".join(lines) + "\n"
 
 
-def plot_groups(runs: Sequence[Run], path: Path) -> Path:
+def plot_groups(runs: Sequence[Run], path: Path, group_by: Sequence[str] | None = None) -> Path:
     """Test accuracy per round per group: the mean over seeds, with a band of ± one std."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (name, members) in enumerate(group_runs(runs)):
+    for i, (name, members) in enumerate(group_runs(runs, group_by)):
         curves = [
             {
                 r["round"]: r["test_accuracy"]
@@ -216,10 +262,17 @@ def plot_groups(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
-def write_report(paths: Sequence[Path], out: Path, *, target: float = 0.5) -> str:
+def write_report(
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    target: float = 0.5,
+    group_by: Sequence[str] | None = None,
+    sort_by: str = "group",
+) -> str:
     """Read the runs under ``paths``; write the markdown table, the CSV and the plot to ``out``."""
     runs = [load_run(p) for p in find_run_dirs(paths)]
-    rows = summarise(runs, target)
+    rows = summarise(runs, target, group_by=group_by, sort_by=sort_by)
     text = format_markdown(rows, runs, target)
     out.mkdir(parents=True, exist_ok=True)
     (out / C.REPORT_MD).write_text(text)
@@ -227,5 +280,5 @@ def write_report(paths: Sequence[Path], out: Path, *, target: float = 0.5) -> st
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["group"])
         writer.writeheader()
         writer.writerows(rows)
-    plot_groups(runs, out / C.REPORT_PLOT)
+    plot_groups(runs, out / C.REPORT_PLOT, group_by)
     return text

@@ -1,0 +1,77 @@
+"""Experiment trackers (TensorBoard by default) and sweeps that survive a failed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fedvision import constants as C
+from fedvision.errors import FedvisionError
+from fedvision.report.metrics import RunRecorder
+from fedvision.report.tracking import TensorBoardTracker, build_tracker, check_tracking, scalars
+
+
+def _scalars(logdir):
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_the_recorder_mirrors_new_rounds_into_tensorboard(tmp_path):
+    cfg = {"seed": 3, "tracking": {"kind": "tensorboard", "subdir": "tb"}}
+    history = [{"round": 0, "test_accuracy": 0.1}]  # a resumed run's earlier rounds: logged then
+    tracker = build_tracker(cfg, tmp_path)
+    assert isinstance(tracker, TensorBoardTracker)
+    recorder = RunRecorder(tmp_path, history, select_on=None, tracker=tracker)
+    recorder.append({"round": 1, "test_accuracy": 0.25, "clients": [0, 2], "lr": 0.01})
+    recorder.append(
+        {"round": 2, "test_accuracy": 0.5, "test_loss": 1.0, "train_loss": None, "lr": 0.005}
+    )
+    recorder.finish(num_rounds=2, wall_s=1.0)
+    got = _scalars(tmp_path / "tb")
+    assert got["test_accuracy"] == [(1, 0.25), (2, 0.5)]
+    assert [v for _, v in got["lr"]] == pytest.approx([0.01, 0.005])
+    assert "clients" not in got and "train_loss" not in got  # lists and None are not scalars
+
+
+def test_scalars_keep_numbers_only():
+    assert scalars({"round": 1, "a": 1, "b": 0.5, "c": True, "d": "x", "e": None, "f": [1]}) == {
+        "a": 1.0,
+        "b": 0.5,
+    }
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(FedvisionError, match="tracking=wandb needs the wandb package"):
+        check_tracking({"tracking": {"kind": "wandb"}})
+    with pytest.raises(FedvisionError, match=r"tracking\.kind='comet' is not one of"):
+        check_tracking({"tracking": {"kind": "comet"}})
+
+
+def test_a_sweep_records_a_failed_run_and_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "FEDVISION_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedvision.cli", "run", "-m", "num_rounds=-1,0",
+         f"hydra.sweep.dir={sweep}", "progress=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr  # the sweep ran both, then said that runs failed
+    jobs = json.loads((sweep / C.SWEEP_SUMMARY).read_text())["jobs"]
+    assert [(j["dir"], j["status"]) for j in jobs] == [("0", "failed"), ("1", "failed")]
+    assert jobs[1]["error"] == "num_rounds=0 must be >= 1"  # the second job ran after the first
+    for job, rounds in (("0", -1), ("1", 0)):
+        assert yaml.safe_load((sweep / job / C.RUN_CONFIG).read_text())["num_rounds"] == rounds
+    assert "0 of 2 runs finished" in proc.stderr
+    report = subprocess.run(
+        [sys.executable, "-m", "fedvision.cli", "report", str(sweep), "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "failed (num_rounds=-1 must be >= 1)" in report.stdout
