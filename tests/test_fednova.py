@@ -132,3 +132,61 @@ def test_adam_is_refused_before_a_run_starts(name):
     cfg = compose_config([f"strategy={name}", "client.optimizer=adam"])
     with pytest.raises(FedvisionError, match=r"client\.optimizer=adam; set client\.optimizer=sgd"):
         check_strategy(OmegaConf.to_container(cfg, resolve=True))
+
+
+# --- two rounds in process, with the real ClientApp ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from fedvision.data.generate import generate_dataset
+
+    return generate_dataset(
+        tmp_path_factory.mktemp("fednova") / "gen", num_classes=3, num_source=1,
+        train_per_class=12, val_per_class=4, size=16, workers=1, progress=False,
+    )  # fmt: skip
+
+
+def test_two_rounds_with_unequal_work_follow_the_formula(dataset, tmp_path):
+    from test_server_loop import InlineGrid, prepared
+
+    from fedvision.fl.server import serve
+    from fedvision.models import build_model, split_parts
+
+    run_dir = prepared(
+        dataset, tmp_path, "strategy=fednova", "num_rounds=2", "partition=dirichlet",
+        "client.local_epochs=1", "client.batch_size=4", "client.momentum=0.5",
+    )  # fmt: skip
+    grid = InlineGrid(run_dir, 2)
+    assert serve(grid, run_dir)["rounds_done"] == 2
+    last = [
+        (m, r) for m, r, _ in grid.log
+        if m.metadata.message_type == "train" and m.content[C.KEY_CONFIG][C.KEY_SERVER_ROUND] == 2
+    ]  # fmt: skip
+    metrics = [r.content[C.KEY_METRICS] for _, r in last]
+    n = np.array([mr[C.KEY_NUM_EXAMPLES] for mr in metrics], dtype=np.float64)
+    tau = [int(mr[C.KEY_STEPS]) for mr in metrics]
+    assert len(set(tau)) == 2, tau  # unequal client sizes: unequal local work
+    assert [mr[C.KEY_MOMENTUM] for mr in metrics] == [0.5, 0.5]
+    # The checkpoint's shared part is x - tau_eff * sum p (x - y)/a on parameters and the
+    # example-weighted mean on BatchNorm's running statistics.
+    model = build_model("resnet18", 2)
+    shared = split_parts(model).shared
+    params = {k for k, _ in model.named_parameters()}
+    state = model.state_dict()
+    mask = np.concatenate([np.full(state[k].numel(), k in params) for k in shared])
+    assert 0 < (~mask).sum() < mask.size  # running statistics travel in the shared part
+    x = last[0][0].content[C.KEY_ARRAYS][C.KEY_FLAT].numpy().astype(np.float64)
+    ys = [r.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy().astype(np.float64) for _, r in last]
+    p, a = n / n.sum(), np.array([momentum_steps(t, 0.5) for t in tau])
+    tau_eff = p @ a
+    want = np.where(
+        mask,
+        x - tau_eff * sum(pi * (x - y) / ai for pi, ai, y in zip(p, a, ys, strict=True)),
+        sum(pi * y for pi, y in zip(p, ys, strict=True)),
+    )
+    latest = torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["model"]
+    got = np.concatenate([latest[k].numpy().reshape(-1) for k in shared])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    fedavg = sum(pi * y for pi, y in zip(p, ys, strict=True))
+    assert not np.allclose(got[mask], fedavg[mask], rtol=1e-5, atol=1e-6)  # FedNova is no FedAvg
