@@ -88,3 +88,10 @@ COMPRESS_INT8 = "int8.pt"  # {"int8_model": quantized state dict}; fedvision.com
 COMPRESS_MD = "compress.md"
 COMPRESS_CSV = "compress.csv"
 COMPRESS_JSON = "compress.json"
+
+# --- SCAFFOLD and FedNova (appended; see strategies/scaffold.py, strategies/fednova.py) ---------
+KEY_CONTROL = "scaffold-c"  # train message: the server's control variate c (packed like the model)
+KEY_CONTROL_DELTA = "scaffold-dc"  # train reply: c_i+ - c_i (packed like the model)
+STATE_CONTROL = "fedvision-scaffold-ci"  # Context.state record: this client's control variate c_i
+KEY_STEPS = "steps"  # train reply metric: local optimiser steps done (FedNova's tau_i)
+KEY_MOMENTUM = "momentum"  # train reply metric: the SGD momentum the client trained with

@@ -48,7 +48,7 @@ def _build(name: str) -> SeededSampling:
 
 def _round(strategy, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
     """One round with ten fixed client replies (distinct weights, sizes and losses)."""
-    list(strategy.configure_train(rnd, arrays, ConfigRecord(), _Grid()))
+    sent = list(strategy.configure_train(rnd, arrays, ConfigRecord(), _Grid()))
     rng = np.random.default_rng(rnd)
     replies = [
         Message(
@@ -64,7 +64,12 @@ def _round(strategy, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
                         }
                     ),
                     C.KEY_METRICS: MetricRecord(
-                        {C.KEY_NUM_EXAMPLES: 5 + i, C.KEY_TRAIN_LOSS: 0.5 + 0.1 * i}
+                        {
+                            C.KEY_NUM_EXAMPLES: 5 + i,
+                            C.KEY_TRAIN_LOSS: 0.5 + 0.1 * i,
+                            C.KEY_STEPS: 2 + i,  # FedNova normalises by the local work
+                            C.KEY_MOMENTUM: 0.5,
+                        }
                     ),
                 }
             ),
@@ -73,6 +78,11 @@ def _round(strategy, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
         )
         for i in range(10)
     ]
+    if C.KEY_CONTROL in sent[0].content:  # SCAFFOLD: each client also returns its c_i update
+        for i, reply in enumerate(replies):
+            reply.content[C.KEY_CONTROL_DELTA] = ArrayRecord(
+                {k: Array(np.full(a.shape, 0.1 * i, np.float32)) for k, a in arrays.items()}
+            )
     new, _ = strategy.aggregate_train(rnd, replies)
     return new
 

@@ -21,7 +21,7 @@ def test_the_config_groups_are_the_documented_ones():
     assert GROUPS == [
         "client", "data", "experiment", "model", "partition", "runtime", "strategy",
     ]  # fmt: skip
-    assert len(_options("strategy")) == 12
+    assert len(_options("strategy")) == 14  # Flower's 12, SCAFFOLD and FedNova
 
 
 @pytest.mark.parametrize(

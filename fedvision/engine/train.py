@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,6 +258,7 @@ def train_local(
     optimizer_state: dict[str, Any] | None = None,
     keep_optimizer_state: bool = False,
     lr_at: Callable[[int], float] | None = None,
+    grad_correction: Sequence[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the samples ``indices`` of a decoded cache.
 
@@ -286,6 +287,10 @@ def train_local(
         Learning rate of each step of this call (0-based), e.g. a slice of
         :func:`warmup_cosine` when centralised training calls once per epoch; ``None``: the
         constant ``cfg.lr`` (federated clients: the server sets each round's rate).
+    grad_correction
+        A constant added to the gradient of each trainable parameter (in
+        ``trainable_parameters`` order) before every optimiser step; SCAFFOLD's ``c - c_i``
+        (Karimireddy et al. 2020). ``None``: no correction.
 
     Returns
     -------
@@ -311,6 +316,7 @@ def train_local(
     params = trainable_parameters(model)
     if not params:
         raise FedvisionError("the model has no trainable parameters; check the finetune mode")
+    corrections = _corrections(params, grad_correction, device)
     use_prox = cfg.proximal_mu > 0
     global_params = [p.detach().clone() for p in params] if use_prox else []
     optimizer = _make_optimizer(params, cfg)
@@ -362,6 +368,8 @@ def train_local(
                         group["lr"] = lr_at(step)
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
+                if corrections is not None:
+                    _correct(params, corrections)
                 optimizer.step()
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.detach().argmax(1) == y).sum()
@@ -379,6 +387,34 @@ def train_local(
         seconds=time.perf_counter() - start,
         optimizer_state=_cpu_state(optimizer.state_dict()) if keep_optimizer_state else None,
     )
+
+
+def _corrections(
+    params: Sequence[nn.Parameter], correction: Sequence[torch.Tensor] | None, device: torch.device
+) -> list[torch.Tensor] | None:
+    """``correction`` checked against ``params`` and moved to ``device`` once, not every step."""
+    if correction is None:
+        return None
+    if len(correction) != len(params) or any(
+        c.shape != p.shape for c, p in zip(correction, params, strict=True)
+    ):
+        raise ValueError(
+            f"grad_correction has {len(correction)} tensors; it needs one per trainable "
+            f"parameter ({len(params)}), each of that parameter's shape"
+        )
+    return [
+        c.detach().to(device=device, dtype=p.dtype) for c, p in zip(correction, params, strict=True)
+    ]
+
+
+def _correct(params: Sequence[nn.Parameter], corrections: Sequence[torch.Tensor]) -> None:
+    for p, c in zip(params, corrections, strict=True):
+        # A parameter the loss did not reach still gets the correction: its corrected
+        # gradient is 0 + c.
+        if p.grad is None:
+            p.grad = c.clone()
+        else:
+            p.grad.add_(c)
 
 
 def _cpu_state(state: Any) -> Any:

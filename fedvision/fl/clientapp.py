@@ -35,6 +35,13 @@ from fedvision.data.cache import DecodedCache
 from fedvision.data.partition import Partition, load_partition
 from fedvision.engine import evaluate, resolve_device, train_local
 from fedvision.errors import FedvisionError
+from fedvision.fl.algorithms import (
+    grad_correction,
+    packed_record,
+    read_controls,
+    store_controls,
+    update_controls,
+)
 from fedvision.fl.arrays import float32_arrays, pack, unpack
 from fedvision.fl.round_config import to_train_config
 from fedvision.models import ModelParts, build_model, fingerprint, split_parts
@@ -215,13 +222,21 @@ def train(msg: Message, context: Context) -> Message:
     model, parts, new_bn = _load_global(msg, node, context)
     cfg = to_train_config(msg.content[C.KEY_CONFIG], int(node[C.KEY_PARTITION_ID]))
     device = next(model.parameters()).device
-    result = train_local(model, cache.images, cache.labels, train_idx, cfg, device)
+    controls = read_controls(msg, context, model, parts, cfg.optimizer)  # SCAFFOLD only
+    result = train_local(
+        model, cache.images, cache.labels, train_idx, cfg, device,
+        grad_correction=None if controls is None else grad_correction(controls, model, parts),
+    )  # fmt: skip
     metrics = MetricRecord(
         {
             C.KEY_NUM_EXAMPLES: int(result.num_examples),
             C.KEY_TRAIN_LOSS: float(result.loss),
             C.KEY_TRAIN_ACC: float(result.accuracy),
             C.KEY_TRAIN_SECONDS: float(result.seconds),
+            # FedNova normalises by the local work: steps, and the SGD momentum they ran with
+            # (Adam has none; FedNova refuses it).
+            C.KEY_STEPS: int(result.steps),
+            C.KEY_MOMENTUM: float(cfg.momentum if cfg.optimizer == "sgd" else 0.0),
         }
     )
     state = model.state_dict()
@@ -233,6 +248,14 @@ def train(msg: Message, context: Context) -> Message:
         metrics[C.KEY_NEW_BN] = int(new_bn)
     shared = pack(float32_arrays({k: state[k] for k in parts.shared}))
     content = RecordDict({C.KEY_ARRAYS: shared, C.KEY_METRICS: metrics})
+    if controls is not None:
+        # SCAFFOLD: c_i+ waits in the Context for the next round; the server gets the change.
+        c_i, delta = update_controls(
+            controls, msg.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy(), shared[C.KEY_FLAT].numpy(),
+            result.steps, cfg.lr, cfg.momentum,
+        )  # fmt: skip
+        store_controls(context, c_i)
+        content[C.KEY_CONTROL_DELTA] = packed_record(delta)
     return Message(content=content, reply_to=msg)
 
 

@@ -35,6 +35,7 @@ from fedvision import constants as C
 from fedvision.data.cache import DecodedCache
 from fedvision.engine import evaluate, resolve_device
 from fedvision.errors import FedvisionError
+from fedvision.fl.algorithms import server_parameter_mask
 from fedvision.fl.arrays import float32_arrays, layout_of, pack, unpack
 from fedvision.fl.checkpoint import (
     Checkpoint,
@@ -86,6 +87,9 @@ def check_strategy(cfg: Mapping[str, Any]) -> None:
     """Refuse sampling settings that cannot work with ``num_clients`` clients (before any work)."""
     n = int(cfg["num_clients"])
     base = base_strategy(build_strategy(cfg))
+    # Strategies that assume a local optimiser (SCAFFOLD, FedNova: SGD) say so before any work.
+    if callable(check_client := getattr(base, "check_client_config", None)):
+        check_client(cfg["client"])
     for key in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
         if int(getattr(base, key, 0)) > n:
             raise FedvisionError(
@@ -361,6 +365,9 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     parts = run_parts(cfg, num_classes)
     base_fp = base_fingerprint(arrays, parts)
     layout = layout_of(subset(arrays, parts.shared))  # how the packed shared part is cut up
+    # FedNova normalises trained parameters only, not BatchNorm's running statistics.
+    if callable(set_mask := getattr(base_strategy(strategy), "set_parameter_mask", None)):
+        set_mask(server_parameter_mask(cfg, num_classes, list(parts.shared)))
     if start > 0 and parts.local:
         tqdm.write(
             "fedvision: FedBN resumes with every client's BatchNorm back at the initial weights "

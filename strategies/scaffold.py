@@ -1,0 +1,131 @@
+"""SCAFFOLD: local training corrected by control variates (server ``c``, client ``c_i``).
+
+Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning"
+(ICML), Algorithm 1 with option II for the client's control variate. Each round:
+
+- the server sends the global model ``x`` and its control variate ``c`` (an extra ArrayRecord
+  under ``C.KEY_CONTROL``, packed like the model);
+- client i trains K steps on ``g + c - c_i`` (its gradient corrected towards the average
+  direction), then sets ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` and replies its model ``y_i``
+  and ``c_i+ - c_i`` (``C.KEY_CONTROL_DELTA``); ``c_i`` stays in the client's ``Context.state``
+  (``fedvision.fl.algorithms`` does the client side);
+- the server, over the set S of clients that replied:
+
+      x <- x + global_lr * (1/|S|) * sum_i (y_i - x)
+      c <- c + (|S| / N) * (1/|S|) * sum_i (c_i+ - c_i)          N = num_clients
+
+  Both means are *unweighted*, as in the paper: SCAFFOLD's ``c`` estimates the unweighted mean of
+  the clients' gradients, so the model step uses the same weights. Under quantity skew this
+  differs from FedAvg's example-weighted mean (every client counts once, whatever its size).
+
+Option II assumes plain SGD. With momentum ``rho`` the client divides by
+``lr * momentum_steps(K, rho)`` instead of ``lr * K`` (the coefficient sum of K momentum steps,
+exact for a constant gradient, equal to K for ``rho=0``); weight decay is part of the gradient in
+PyTorch's SGD and so of ``c_i``. Both are approximations the paper does not cover. Adam is refused.
+
+``c`` has an entry for every shared entry (the model's packed shared part); entries that are no
+trained parameter (BatchNorm's running statistics and counter) keep a zero control variate, as the
+clients send zero updates for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedvision import constants as C
+from fedvision.errors import FedvisionError
+from strategies._replies import arrays_like, as_record, ok_replies
+from strategies.fednova import require_sgd
+
+
+def _zeros_like(arrays: ArrayRecord) -> ArrayRecord:
+    return ArrayRecord(
+        {k: Array(np.zeros(tuple(a.shape), dtype=np.float32)) for k, a in arrays.items()}
+    )
+
+
+def _fits(record: ArrayRecord, like: ArrayRecord) -> bool:
+    return list(record.keys()) == list(like.keys()) and all(
+        tuple(record[k].shape) == tuple(like[k].shape) for k in like
+    )
+
+
+class Scaffold(FedAvg):
+    """SCAFFOLD's server side (see the module docstring).
+
+    Parameters
+    ----------
+    num_clients : N, the number of clients in the federation (``c`` averages over all of them).
+    global_lr : server learning rate on the mean model update (1.0: the mean of the models).
+    **kwargs : FedAvg's sampling settings (``fraction_train``, ``min_train_nodes``, ...).
+    """
+
+    def __init__(self, *, num_clients: int, global_lr: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if int(num_clients) < 1:
+            raise FedvisionError(f"strategy.num_clients={num_clients} must be >= 1")
+        if not global_lr > 0:
+            raise FedvisionError(f"strategy.global_lr={global_lr} must be > 0")
+        self.num_clients = int(num_clients)
+        self.global_lr = float(global_lr)
+        # The server's control variate c; kept in checkpoints (fedvision.fl.checkpoint).
+        self.control: ArrayRecord | None = None
+        # The global model of the round being trained; rebuilt at every configure_train.
+        self.current_arrays: ArrayRecord | None = None
+
+    def check_client_config(self, client: Mapping[str, Any]) -> None:
+        """Refuse local optimisers that option II cannot describe (before a run starts)."""
+        require_sgd(client, "strategy=scaffold (option II)")
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's train messages, each also carrying the control variate ``c``."""
+        if self.control is None:
+            self.control = _zeros_like(arrays)
+        elif not _fits(self.control, arrays):
+            raise FedvisionError(
+                "strategy=scaffold: the saved control variate does not fit the model "
+                f"({len(self.control)} arrays vs {len(arrays)}); resume with the run's own model"
+            )
+        self.current_arrays = arrays
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for m in messages:  # FedAvg gives every message the same RecordDict
+            m.content[C.KEY_CONTROL] = self.control
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unweighted mean model step and control-variate step over the replies."""
+        valid = ok_replies(replies)
+        if not valid:
+            return None, None
+        x, c = self.current_arrays, self.control
+        if x is None or c is None:
+            raise FedvisionError("SCAFFOLD: aggregate_train came before configure_train")
+        who = "strategy=scaffold"
+        if len(valid) > self.num_clients:
+            raise FedvisionError(
+                f"{who}: {len(valid)} clients replied but strategy.num_clients="
+                f"{self.num_clients}; set it to the run's num_clients"
+            )
+        ys = [arrays_like(m, self.arrayrecord_key, x, who) for m in valid]
+        dcs = [arrays_like(m, C.KEY_CONTROL_DELTA, x, who) for m in valid]
+        share = len(valid) / self.num_clients  # |S| / N
+        new_x, new_c = {}, {}
+        for k in x:
+            xk = np.asarray(x[k].numpy(), dtype=np.float64)
+            new_x[k] = xk + self.global_lr * np.mean([y[k] - xk for y in ys], axis=0)
+            ck = np.asarray(c[k].numpy(), dtype=np.float64)
+            new_c[k] = ck + share * np.mean([dc[k] for dc in dcs], axis=0)
+        self.control = as_record(new_c, c)
+        metrics = aggregate_metricrecords([m.content for m in valid], self.weighted_by_key)
+        return as_record(new_x, x), metrics
