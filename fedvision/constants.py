@@ -86,3 +86,9 @@ COMPRESS_INT8 = "int8.pt"  # {"int8_model": quantized state dict}; fedvision.com
 COMPRESS_MD = "compress.md"
 COMPRESS_CSV = "compress.csv"
 COMPRESS_JSON = "compress.json"
+
+# --- simulated system heterogeneity (appended; see fedvision/fl/system.py) ----------------------
+RUN_SYSTEM = "system.json"  # each client's simulated device: speed (samples/s), bandwidth (B/s)
+REPORT_SIM_PLOT = "report_sim_time.png"  # fedvision report: test accuracy over simulated time
+KEY_TRAIN_STEPS = "train_steps"  # train reply metric: local optimiser steps done
+KEY_TRAIN_SAMPLES = "train_samples"  # train reply metric: samples processed (the clock's work)

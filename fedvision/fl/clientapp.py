@@ -222,6 +222,9 @@ def train(msg: Message, context: Context) -> Message:
             C.KEY_TRAIN_LOSS: float(result.loss),
             C.KEY_TRAIN_ACC: float(result.accuracy),
             C.KEY_TRAIN_SECONDS: float(result.seconds),
+            # The work done, for the simulated clock (fedvision.fl.system) and for the record.
+            C.KEY_TRAIN_STEPS: int(result.steps),
+            C.KEY_TRAIN_SAMPLES: int(result.samples_seen),
         }
     )
     state = model.state_dict()
