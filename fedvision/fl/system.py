@@ -67,6 +67,12 @@ class SystemConfig:
                 f"system.{unknown[0]} is no system key; known: {', '.join(sorted(known))}"
             )
         kw = dict(d)
+        for f in fields(cls):  # YAML gives ints for floats, a typo gives a string
+            if f.name in kw and kw[f.name] is not None and f.type in ("float", "float | None"):
+                try:
+                    kw[f.name] = float(kw[f.name])
+                except (TypeError, ValueError):
+                    raise FedvisionError(f"system.{f.name}={kw[f.name]!r} is no number") from None
         for key in ("tiers", "tier_weights"):
             if kw.get(key) is not None:
                 kw[key] = tuple(float(x) for x in kw[key])
