@@ -95,3 +95,8 @@ KEY_CONTROL_DELTA = "scaffold-dc"  # train reply: c_i+ - c_i (packed like the mo
 STATE_CONTROL = "fedvision-scaffold-ci"  # Context.state record: this client's control variate c_i
 KEY_STEPS = "steps"  # train reply metric: local optimiser steps done (FedNova's tau_i)
 KEY_MOMENTUM = "momentum"  # train reply metric: the SGD momentum the client trained with
+# --- simulated system heterogeneity (appended; see fedvision/fl/system.py) ----------------------
+RUN_SYSTEM = "system.json"  # each client's simulated device: speed (samples/s), bandwidth (B/s)
+REPORT_SIM_PLOT = "report_sim_time.png"  # fedvision report: test accuracy over simulated time
+KEY_TRAIN_STEPS = KEY_STEPS  # the same metric, named for the clock's use
+KEY_TRAIN_SAMPLES = "train_samples"  # train reply metric: samples processed (the clock's work)

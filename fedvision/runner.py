@@ -50,6 +50,7 @@ from fedvision.fl.checkpoint import load_checkpoint
 from fedvision.fl.parts import check_local_bn
 from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.server import check_strategy
+from fedvision.fl.system_round import check_system
 from fedvision.models import LoadReport, build_model, build_model_reporting, list_architectures
 from fedvision.report.heatmap import plot_partition_heatmap
 from fedvision.report.tracking import check_tracking
@@ -157,6 +158,7 @@ def check_config(cfg: DictConfig) -> Runtime:
         raise FedvisionError(f"client.lr_horizon={horizon} must be >= 1")
     check_every_round(plain)  # every round's config, as the clients will read it
     check_tracking(plain)
+    check_system(plain)  # simulated devices: values, and the trace file reads
     return build_runtime(cfg)
 
 

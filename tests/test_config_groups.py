@@ -19,7 +19,8 @@ def _options(group: str) -> list[str]:
 
 def test_the_config_groups_are_the_documented_ones():
     assert GROUPS == [
-        "client", "data", "experiment", "model", "partition", "runtime", "strategy",
+        "client", "data", "experiment", "model", "partition", "runtime", "strategy", "system",
+        "tracking",
     ]  # fmt: skip
     assert len(_options("strategy")) == 14  # Flower's 12, SCAFFOLD and FedNova
 
@@ -27,11 +28,14 @@ def test_the_config_groups_are_the_documented_ones():
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g in GROUPS for o in _options(g)], ids=lambda x: str(x)
 )
-def test_every_option_composes_and_builds(group, option):
+def test_every_option_composes_and_builds(group, option, tmp_path):
     # Options that need one site-specific value to build (a CA file is refused when missing).
+    trace = tmp_path / "devices.csv"
+    trace.write_text("speed\n10\n40\n")
     extra = {
         ("data", "imagenet"): ["data.root=/data/imagenet"],
         ("runtime", "deployment"): ["runtime.insecure=true"],
+        ("system", "trace"): [f"system.trace={trace}"],
     }.get((group, option), [])
     cfg = compose_config([f"{group}={option}", *extra])
     plain = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -50,3 +54,20 @@ def test_every_option_composes_and_builds(group, option):
         assert int(cfg.data.size) >= 8
     elif group == "experiment":
         assert cfg.num_clients >= 1
+    elif group == "tracking":
+        from fedvision.errors import FedvisionError
+        from fedvision.report.tracking import build_tracker, check_tracking
+
+        assert cfg.tracking.kind == option
+        try:
+            check_tracking(plain)
+        except FedvisionError as exc:  # W&B and MLflow are optional: refused in one line
+            assert option in ("wandb", "mlflow") and "pip install" in str(exc)
+        else:
+            build_tracker(plain, tmp_path).close()  # the keys of its YAML are its arguments
+    elif group == "system":
+        from fedvision.fl.system_round import check_system
+
+        model = check_system(plain)  # none adds nothing; the others draw every client's device
+        assert (model is None) == (option == "none")
+        assert model is None or len(model.profiles) == cfg.num_clients

@@ -233,10 +233,12 @@ def train(msg: Message, context: Context) -> Message:
             C.KEY_TRAIN_LOSS: float(result.loss),
             C.KEY_TRAIN_ACC: float(result.accuracy),
             C.KEY_TRAIN_SECONDS: float(result.seconds),
-            # FedNova normalises by the local work: steps, and the SGD momentum they ran with
-            # (Adam has none; FedNova refuses it).
+            # The local work: FedNova normalises by the steps and the SGD momentum they ran
+            # with (Adam has none; FedNova refuses it); the simulated clock (fedvision.fl.system)
+            # times the samples.
             C.KEY_STEPS: int(result.steps),
             C.KEY_MOMENTUM: float(cfg.momentum if cfg.optimizer == "sgd" else 0.0),
+            C.KEY_TRAIN_SAMPLES: int(result.samples_seen),
         }
     )
     state = model.state_dict()

@@ -48,6 +48,7 @@ from fedvision.fl.checkpoint import (
 )
 from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset
 from fedvision.fl.round_config import lr_horizon, train_config
+from fedvision.fl.system_round import SystemRound
 from fedvision.models import build_model
 from fedvision.report.metrics import RunRecorder, read_metrics
 from fedvision.report.tracking import build_tracker
@@ -360,6 +361,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     recorder = RunRecorder(
         run_dir, history, select_on=select_on, tracker=build_tracker(cfg, run_dir)
     )
+    system = SystemRound.build(cfg, run_dir, history)  # None under system=none
     # The strategy sees only what training changes (and FedBN keeps BatchNorm on the clients);
     # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
     parts = run_parts(cfg, num_classes)
@@ -425,16 +427,24 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         shared = pack(subset(arrays, parts.shared))
         messages = list(strategy.configure_train(rnd, shared, config, grid))
         pids = sorted(partition_of[m.metadata.dst_node_id] for m in messages)
+        if system is not None:  # simulated devices: dropouts are not sent, step caps per client
+            messages = system.plan(rnd, messages, partition_of)
         bytes_down = sum(
             a.count_bytes() for m in messages for a in m.content.array_records.values()
         )
-        replies = _replies_in_partition_order(exchange(grid, messages, timeout), partition_of)
+        replies = _replies_in_partition_order(
+            exchange(grid, messages, timeout) if messages else [], partition_of
+        )
         ok = [m for m in replies if not m.has_error()]
         failures = _failures(messages, replies, partition_of)
-        if not ok:
+        if not ok and messages:
             raise FedvisionError(
                 f"round {rnd}: every client failed; first: {_first_error(replies)}"
             )
+        sim_record: dict[str, Any] = {}
+        if system is not None:  # late updates are left out; the simulated clock advances
+            ok, sim_record = system.settle(ok, partition_of)
+            replies = [m for m in replies if m.has_error() or any(m is a for a in ok)]
         aggregate = len(ok) >= min_replies
         if failures:
             # Recorded in metrics.jsonl too; said here so that nobody misses it.
@@ -467,6 +477,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             "bytes_down": int(bytes_down),
             "bytes_up": int(bytes_up),
         }
+        record.update(sim_record)
         if failures:
             record["failures"] = failures
         if not aggregate:

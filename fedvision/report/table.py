@@ -98,6 +98,24 @@ def rounds_to_target(records: Sequence[dict], target: float) -> int | None:
     return next((r["round"] for r in records if (r.get("test_accuracy") or -1.0) >= target), None)
 
 
+def sim_time_to_target(records: Sequence[dict], target: float) -> float | None:
+    """Simulated seconds until test accuracy first reaches ``target`` (None if never, or no clock).
+
+    Round 0 (the initial model) is at simulated time 0; a run without ``system`` has no clock.
+    """
+    if not has_clock(records):
+        return None
+    for r in records:
+        if (r.get("test_accuracy") or -1.0) >= target:
+            return float(r.get("sim_time_s") or 0.0) if r["round"] > 0 else 0.0
+    return None
+
+
+def has_clock(records: Sequence[dict]) -> bool:
+    """Whether a run recorded simulated time (it ran with a ``system`` option other than none)."""
+    return any(r.get("sim_time_s") is not None for r in records)
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -188,7 +206,23 @@ def summarise(
             [float(x) for x in reached if x is not None]
         )
         row["reached_target"] = sum(x is not None for x in reached)
+        clocked = [r for r in done if has_clock(r.records)]
+        if clocked:  # simulated system heterogeneity: time in simulated seconds
+            sim = [sim_time_to_target(r.records, target) for r in clocked]
+            row["sim_s_to_target_mean"], row["sim_s_to_target_std"] = _mean_std(
+                [x for x in sim if x is not None]
+            )
+            row["sim_reached_target"] = sum(x is not None for x in sim)
+            row["sim_time_s_mean"], row["sim_time_s_std"] = _mean_std(
+                [max(float(x.get("sim_time_s") or 0.0) for x in r.records) for r in clocked]
+            )
         rows.append(row)
+    if any("sim_reached_target" in row for row in rows):  # one set of columns for the CSV
+        for row in rows:
+            for key in ("sim_s_to_target", "sim_time_s"):
+                row.setdefault(f"{key}_mean", None)
+                row.setdefault(f"{key}_std", None)
+            row.setdefault("sim_reached_target", None)
     if sort_by == "accuracy":
         rows.sort(key=lambda r: -(r["test_accuracy_at_best_val_mean"] or -1.0))
     elif sort_by == "heterogeneity":
@@ -204,21 +238,35 @@ def _pm(mean: float | None, std: float | None, fmt: str = "{:.3f}") -> str:
 
 def format_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], target: float) -> str:
     """The table a paper could use, plus the runs that were left out and why."""
+    # Simulated-time columns only when some run has a simulated clock (system=...).
+    clock = any(r.get("sim_reached_target") is not None for r in rows)
     lines = [
         f"| group | runs | label TV | test acc. (final) | test acc. at best val. | "
-        f"rounds to {target:g} | GB moved | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"rounds to {target:g} | "
+        + (f"sim. s to {target:g} | sim. s total | " if clock else "")
+        + "GB moved | wall s |",
+        ("| --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * (4 if clock else 2)).rstrip(),
     ]
     for r in rows:
         reach = f"{_pm(r['rounds_to_target_mean'], r['rounds_to_target_std'], '{:.1f}')} "
         reach += f"({r['reached_target']}/{r['runs']})"
+        sim = ""
+        if clock:
+            if r.get("sim_reached_target") is None:
+                sim = "- | - | "
+            else:
+                sim = (
+                    f"{_pm(r['sim_s_to_target_mean'], r['sim_s_to_target_std'], '{:.1f}')} "
+                    f"({r['sim_reached_target']}/{r['runs']}) | "
+                    f"{_pm(r['sim_time_s_mean'], r['sim_time_s_std'], '{:.1f}')} | "
+                )
         gb = "-" if r["bytes_mean"] is None else f"{r['bytes_mean'] / 1e9:.2f}"
         tv = _pm(r["label_tv_mean"], r["label_tv_std"], "{:.2f}")
         lines.append(
             f"| {r['group']} | {r['runs']} | {tv} | "
             f"{_pm(r['test_accuracy_final_mean'], r['test_accuracy_final_std'])} | "
             f"{_pm(r['test_accuracy_at_best_val_mean'], r['test_accuracy_at_best_val_std'])} | "
-            f"{reach} | {gb} | {_pm(r['wall_s_mean'], r['wall_s_std'], '{:.0f}')} |"
+            f"{reach} | {sim}{gb} | {_pm(r['wall_s_mean'], r['wall_s_std'], '{:.0f}')} |"
         )
     left_out = [r for r in runs if r.status != "finished"]
     if left_out:
@@ -262,6 +310,61 @@ def plot_groups(runs: Sequence[Run], path: Path, group_by: Sequence[str] | None 
     return path
 
 
+def _step_curve(records: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """A run's test accuracy over simulated time (round 0 at time 0)."""
+    pts = [
+        (0.0 if r["round"] == 0 else float(r.get("sim_time_s") or 0.0), float(r["test_accuracy"]))
+        for r in records
+        if r.get("test_accuracy") is not None
+    ]
+    t, acc = zip(*pts, strict=True) if pts else ((), ())
+    return np.asarray(t, dtype=float), np.asarray(acc, dtype=float)
+
+
+def plot_sim_time(
+    runs: Sequence[Run], path: Path, group_by: Sequence[str] | None = None
+) -> Path | None:
+    """Test accuracy over simulated time per group: mean ± std over seeds (None: no clock).
+
+    Seeds reach their evaluations at different simulated times, so each run is a step function
+    (the accuracy of its latest evaluated round) read on the union of the group's times.
+    """
+    groups = [
+        (name, [m for m in members if m.status == "finished" and has_clock(m.records)])
+        for name, members in group_runs(runs, group_by)
+    ]
+    groups = [(name, members) for name, members in groups if members]
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, members) in enumerate(groups):
+        curves = [_step_curve(m.records) for m in members]
+        curves = [(t, a) for t, a in curves if t.size]
+        if not curves:
+            continue
+        grid = np.unique(np.concatenate([t for t, _ in curves]))
+        # The latest evaluation at or before each time (before a run's first one: its first).
+        acc = np.array(
+            [a[np.clip(np.searchsorted(t, grid, side="right") - 1, 0, None)] for t, a in curves]
+        )
+        mean = acc.mean(axis=0)
+        std = acc.std(axis=0, ddof=1) if len(acc) > 1 else np.zeros_like(mean)
+        style = ("-", "--", ":")[(i // 10) % 3]
+        ax.step(grid, mean, where="post", linestyle=style, label=f"{name} (n={len(acc)})")
+        ax.fill_between(grid, mean - std, mean + std, step="post", alpha=0.2)
+    ax.set(
+        xlabel="simulated time (s)", ylabel="test accuracy", ylim=(0, 1),
+        title="mean ± std over seeds, against simulated time (not wall time)",
+    )  # fmt: skip
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_report(
     paths: Sequence[Path],
     out: Path,
@@ -270,7 +373,10 @@ def write_report(
     group_by: Sequence[str] | None = None,
     sort_by: str = "group",
 ) -> str:
-    """Read the runs under ``paths``; write the markdown table, the CSV and the plot to ``out``."""
+    """Read the runs under ``paths``; write the markdown table, the CSV and the plots to ``out``.
+
+    Runs with a simulated clock (``system=...``) also get ``report_sim_time.png``.
+    """
     runs = [load_run(p) for p in find_run_dirs(paths)]
     rows = summarise(runs, target, group_by=group_by, sort_by=sort_by)
     text = format_markdown(rows, runs, target)
@@ -281,4 +387,5 @@ def write_report(
         writer.writeheader()
         writer.writerows(rows)
     plot_groups(runs, out / C.REPORT_PLOT, group_by)
+    plot_sim_time(runs, out / C.REPORT_SIM_PLOT, group_by)
     return text
