@@ -86,3 +86,12 @@ COMPRESS_INT8 = "int8.pt"  # {"int8_model": quantized state dict}; fedvision.com
 COMPRESS_MD = "compress.md"
 COMPRESS_CSV = "compress.csv"
 COMPRESS_JSON = "compress.json"
+
+# --- differential privacy (appended; see fedvision/fl/privacy.py) -------------------------------
+KEY_DP_MODE = "dp-mode"  # round config: client-level DP: none | server-/client- fixed/adaptive
+KEY_DPSGD_NOISE = "dpsgd-noise-multiplier"  # round config: DP-SGD on (sample-level) when present
+KEY_DPSGD_CLIP = "dpsgd-max-grad-norm"
+KEY_DP_DELTA = "dp-delta"
+KEY_DPSGD_EPSILON = "dpsgd-epsilon"  # train reply: this client's sample-level epsilon so far
+KEY_DPSGD_STEPS = "dpsgd-steps"  # train reply: this client's DP-SGD steps so far
+STATE_DPSGD = "fedvision-dpsgd"  # Context.state record: DP-SGD steps this client took in the run

@@ -45,6 +45,7 @@ from fedvision.data.partition import (
 from fedvision.errors import FedvisionError
 from fedvision.fl.checkpoint import load_checkpoint
 from fedvision.fl.parts import check_local_bn
+from fedvision.fl.privacy import check_privacy
 from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.server import check_strategy
 from fedvision.models import LoadReport, build_model, build_model_reporting, list_architectures
@@ -151,6 +152,7 @@ def check_config(cfg: DictConfig) -> Runtime:
     if horizon < 1:
         raise FedvisionError(f"client.lr_horizon={horizon} must be >= 1")
     check_every_round(plain)  # every round's config, as the clients will read it
+    check_privacy(plain)  # delta, budget, DP-SGD (client-level DP is built by check_strategy)
     return build_runtime(cfg)
 
 
