@@ -6,6 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedvision.config import CONF_DIR, compose_config
+from fedvision.fl.privacy import check_privacy
 from fedvision.fl.server import build_strategy, check_strategy
 from fedvision.runner import build_runtime, partition_spec
 from strategies.sampling import base_strategy
@@ -19,7 +20,7 @@ def _options(group: str) -> list[str]:
 
 def test_the_config_groups_are_the_documented_ones():
     assert GROUPS == [
-        "client", "data", "experiment", "model", "partition", "runtime", "strategy",
+        "client", "data", "experiment", "model", "partition", "privacy", "runtime", "strategy",
     ]  # fmt: skip
     assert len(_options("strategy")) == 12
 
@@ -50,3 +51,12 @@ def test_every_option_composes_and_builds(group, option):
         assert int(cfg.data.size) >= 8
     elif group == "experiment":
         assert cfg.num_clients >= 1
+    elif group == "privacy":
+        # The wrapper sits inside the seeded sampling, around the configured strategy.
+        strategy = build_strategy(plain)
+        wrapped = type(strategy.strategy).__name__
+        want = {"none": "FedAvg", "dpsgd": "FedAvg"}.get(option)
+        assert wrapped == want or wrapped.lower().startswith("differentialprivacy")
+        assert type(base_strategy(strategy)).__name__ == "FedAvg"
+        check_strategy(plain)
+        check_privacy(plain)

@@ -21,6 +21,7 @@ ClientApp's train handler picks Flower's clipping mod from it per message (:func
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -150,6 +151,11 @@ def check_privacy(cfg: Mapping[str, Any]) -> None:
     p = _privacy(cfg)
     mode = client_level_mode(cfg)
     dpsgd = p.get("dpsgd")
+    if (mode != "none" or dpsgd) and importlib.util.find_spec("opacus") is None:
+        raise FedvisionError(
+            "differential privacy needs Opacus (DP-SGD and the RDP accountant): "
+            'pip install -e ".[dp]" (scripts/setup.sh installs it)'
+        )
     delta = float(p.get("delta", 1e-5))
     if not 0 < delta < 1:
         raise FedvisionError(f"privacy.delta={delta} must lie in (0, 1)")
