@@ -147,6 +147,13 @@ def summarise(runs: Sequence[Run], target: float) -> list[dict[str, Any]]:
             [float(x) for x in reached if x is not None]
         )
         row["reached_target"] = sum(x is not None for x in reached)
+        # Differential privacy: the run's final epsilon (client-level, else the largest DP-SGD
+        # epsilon of any client) at the delta of its config.
+        row["epsilon_mean"], row["epsilon_std"] = _mean_std(
+            [float(r.summary["epsilon"]) for r in done if r.summary.get("epsilon") is not None]
+        )
+        deltas = {r.summary["privacy"]["delta"] for r in done if "privacy" in r.summary}
+        row["delta"] = deltas.pop() if len(deltas) == 1 else None
         rows.append(row)
     return rows
 
@@ -159,20 +166,26 @@ def _pm(mean: float | None, std: float | None, fmt: str = "{:.3f}") -> str:
 
 def format_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], target: float) -> str:
     """The table a paper could use, plus the runs that were left out and why."""
+    # The epsilon column appears only when some run used differential privacy.
+    private = any(r.get("epsilon_mean") is not None or r.get("delta") for r in rows)
     lines = [
         f"| group | runs | test acc. (final) | test acc. at best val. | rounds to {target:g} | "
-        "GB moved | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "GB moved | wall s |" + (" ε (δ) |" if private else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if private else ""),
     ]
     for r in rows:
         reach = f"{_pm(r['rounds_to_target_mean'], r['rounds_to_target_std'], '{:.1f}')} "
         reach += f"({r['reached_target']}/{r['runs']})"
         gb = "-" if r["bytes_mean"] is None else f"{r['bytes_mean'] / 1e9:.2f}"
+        eps = ""
+        if private:
+            eps = f" {_pm(r.get('epsilon_mean'), r.get('epsilon_std'), '{:.2f}')}"
+            eps += f" ({r['delta']:g}) |" if r.get("delta") else " |"
         lines.append(
             f"| {r['group']} | {r['runs']} | "
             f"{_pm(r['test_accuracy_final_mean'], r['test_accuracy_final_std'])} | "
             f"{_pm(r['test_accuracy_at_best_val_mean'], r['test_accuracy_at_best_val_std'])} | "
-            f"{reach} | {gb} | {_pm(r['wall_s_mean'], r['wall_s_std'], '{:.0f}')} |"
+            f"{reach} | {gb} | {_pm(r['wall_s_mean'], r['wall_s_std'], '{:.0f}')} |" + eps
         )
     left_out = [r for r in runs if r.status != "finished"]
     if left_out:
