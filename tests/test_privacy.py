@@ -368,3 +368,22 @@ def test_dpsgd_clients_report_a_growing_sample_level_epsilon(dataset, tmp_path):
     last = [r for m, r, _ in grid.log if m.metadata.message_type == "train"][-2:]
     assert {int(r.content[C.KEY_METRICS][C.KEY_DPSGD_STEPS]) for r in last} == {2}
     assert clientapp.app is not None
+
+
+def test_a_resumed_run_continues_the_account_and_the_adaptive_clipping_norm(dataset, tmp_path):
+    from fedvision.fl.checkpoint import load_checkpoint
+    from fedvision.rundir import append_resume
+
+    run_dir = prepared(
+        dataset, tmp_path, *COMMON, "num_rounds=1", "privacy=server_adaptive",
+        "privacy.wrapper.noise_multiplier=0.5",
+    )  # fmt: skip
+    serve(InlineGrid(run_dir, 2), run_dir)
+    ckpt = load_checkpoint(run_dir / C.CKPT_LATEST, arch="resnet18", num_classes=2)
+    norm = ckpt.strategy["1.clipping_norm"]["value"]  # depth 1: the wrapper inside the sampling
+    assert norm != pytest.approx(0.1)  # it adapted away from the initial norm
+    append_resume(run_dir, 1, {"num_rounds": (1, 2)})  # what `resume=... num_rounds=2` records
+    serve(InlineGrid(run_dir, 2), run_dir)
+    rounds = [r for r in read_metrics(run_dir) if r["round"] > 0]
+    assert [r["dp_releases"] for r in rounds] == [1, 2]
+    assert rounds[-1]["epsilon"] == pytest.approx(_opacus_epsilon(0.5, 1.0, 2, 1e-5), rel=1e-12)
