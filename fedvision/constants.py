@@ -100,3 +100,11 @@ RUN_SYSTEM = "system.json"  # each client's simulated device: speed (samples/s),
 REPORT_SIM_PLOT = "report_sim_time.png"  # fedvision report: test accuracy over simulated time
 KEY_TRAIN_STEPS = KEY_STEPS  # the same metric, named for the clock's use
 KEY_TRAIN_SAMPLES = "train_samples"  # train reply metric: samples processed (the clock's work)
+# --- differential privacy (appended; see fedvision/fl/privacy.py) -------------------------------
+KEY_DP_MODE = "dp-mode"  # round config: client-level DP: none | server-/client- fixed/adaptive
+KEY_DPSGD_NOISE = "dpsgd-noise-multiplier"  # round config: DP-SGD on (sample-level) when present
+KEY_DPSGD_CLIP = "dpsgd-max-grad-norm"
+KEY_DP_DELTA = "dp-delta"
+KEY_DPSGD_EPSILON = "dpsgd-epsilon"  # train reply: this client's sample-level epsilon so far
+KEY_DPSGD_STEPS = "dpsgd-steps"  # train reply: this client's DP-SGD steps so far
+STATE_DPSGD = "fedvision-dpsgd"  # Context.state record: DP-SGD steps this client took in the run

@@ -48,6 +48,7 @@ from fedvision.data.partition import (
 from fedvision.errors import FedvisionError
 from fedvision.fl.checkpoint import load_checkpoint
 from fedvision.fl.parts import check_local_bn
+from fedvision.fl.privacy import check_privacy
 from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.server import check_strategy
 from fedvision.fl.system_round import check_system
@@ -159,6 +160,7 @@ def check_config(cfg: DictConfig) -> Runtime:
     check_every_round(plain)  # every round's config, as the clients will read it
     check_tracking(plain)
     check_system(plain)  # simulated devices: values, and the trace file reads
+    check_privacy(plain)  # delta, budget, DP-SGD (client-level DP is built by check_strategy)
     return build_runtime(cfg)
 
 

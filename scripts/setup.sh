@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment and install fedvision into it, editable, with the
-# test tools. The environment lives in .venv unless FEDVISION_VENV names another folder (CI keeps
-# one outside the clone, keyed by the dependency spec, and links .venv to it).
+# test tools and Opacus (the `dp` extra: differential privacy). The environment lives in .venv
+# unless FEDVISION_VENV names another folder (CI keeps one outside the clone, keyed by the
+# dependency spec, and links .venv to it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${FEDVISION_VENV:-.venv}"
@@ -12,7 +13,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$venv" != ".venv" ]; then ln -sfn "$venv" .venv; fi
 # pip prints one warning per missing local index folder on these machines; keep errors only.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 \
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,dp]" 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-.venv/bin/python -c "import fedvision, torch, flwr" || { echo "setup: install failed" >&2; exit 1; }
+.venv/bin/python -c "import fedvision, torch, flwr, opacus" || { echo "setup: install failed" >&2; exit 1; }
 echo "setup: ready ($(.venv/bin/python -c 'import torch, flwr; print("torch", torch.__version__, "flwr", flwr.__version__)'))" >&2

@@ -6,6 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedvision.config import CONF_DIR, compose_config
+from fedvision.fl.privacy import check_privacy
 from fedvision.fl.server import build_strategy, check_strategy
 from fedvision.runner import build_runtime, partition_spec
 from strategies.sampling import base_strategy
@@ -19,8 +20,8 @@ def _options(group: str) -> list[str]:
 
 def test_the_config_groups_are_the_documented_ones():
     assert GROUPS == [
-        "client", "data", "experiment", "model", "partition", "runtime", "strategy", "system",
-        "tracking",
+        "client", "data", "experiment", "model", "partition", "privacy", "runtime", "strategy",
+        "system", "tracking",
     ]  # fmt: skip
     assert len(_options("strategy")) == 14  # Flower's 12, SCAFFOLD and FedNova
 
@@ -71,3 +72,12 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
         model = check_system(plain)  # none adds nothing; the others draw every client's device
         assert (model is None) == (option == "none")
         assert model is None or len(model.profiles) == cfg.num_clients
+    elif group == "privacy":
+        # The wrapper sits inside the seeded sampling, around the configured strategy.
+        strategy = build_strategy(plain)
+        wrapped = type(strategy.strategy).__name__
+        want = {"none": "FedAvg", "dpsgd": "FedAvg"}.get(option)
+        assert wrapped == want or wrapped.lower().startswith("differentialprivacy")
+        assert type(base_strategy(strategy)).__name__ == "FedAvg"
+        check_strategy(plain)
+        check_privacy(plain)

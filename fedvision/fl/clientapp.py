@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvision import constants as C
 from fedvision.data.cache import DecodedCache
 from fedvision.data.partition import Partition, load_partition
 from fedvision.engine import evaluate, resolve_device, train_local
+from fedvision.engine.dpsgd import train_local_dpsgd
 from fedvision.errors import FedvisionError
 from fedvision.fl.algorithms import (
     grad_correction,
@@ -43,6 +44,7 @@ from fedvision.fl.algorithms import (
     update_controls,
 )
 from fedvision.fl.arrays import float32_arrays, pack, unpack
+from fedvision.fl.privacy import clipping_mod, dpsgd_config, equal_weights
 from fedvision.fl.round_config import to_train_config
 from fedvision.models import ModelParts, build_model, fingerprint, split_parts
 from fedvision.rundir import RunPlan, read_plan, run_dir_from
@@ -214,22 +216,39 @@ def _load_global(
     return model, parts, new_bn
 
 
-@app.train()
+# Flower's client-side clipping mods run on training only and only when the round config asks
+# (fedvision.fl.privacy.clipping_mod): attached to the whole app, they break evaluate replies.
+@app.train(mods=[clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this client's partition; reply with weights and metrics."""
     node = node_settings(context)
     cache, train_idx, _ = _indices(node)
     model, parts, new_bn = _load_global(msg, node, context)
-    cfg = to_train_config(msg.content[C.KEY_CONFIG], int(node[C.KEY_PARTITION_ID]))
+    record = msg.content[C.KEY_CONFIG]
+    cfg = to_train_config(record, int(node[C.KEY_PARTITION_ID]))
     device = next(model.parameters()).device
     controls = read_controls(msg, context, model, parts, cfg.optimizer)  # SCAFFOLD only
-    result = train_local(
-        model, cache.images, cache.labels, train_idx, cfg, device,
-        grad_correction=None if controls is None else grad_correction(controls, model, parts),
-    )  # fmt: skip
+    dp = dpsgd_config(record)
+    if dp is None:
+        result = train_local(
+            model, cache.images, cache.labels, train_idx, cfg, device,
+            grad_correction=None if controls is None else grad_correction(controls, model, parts),
+        )  # fmt: skip
+    else:
+        # Sample-level DP-SGD (never with SCAFFOLD: check_privacy refuses the pair). The epsilon
+        # composes every DP-SGD step this client took in the run, which its Context keeps (lost
+        # when the client restarts: then it undercounts).
+        done = context.state.get(C.STATE_DPSGD)
+        prior = int(done[C.KEY_DPSGD_STEPS]) if done is not None else 0
+        result = train_local_dpsgd(
+            model, cache.images, cache.labels, train_idx, cfg, dp, device, prior_steps=prior
+        )
+        context.state[C.STATE_DPSGD] = ConfigRecord({C.KEY_DPSGD_STEPS: result.total_steps})
     metrics = MetricRecord(
         {
-            C.KEY_NUM_EXAMPLES: int(result.num_examples),
+            # Client-level DP calibrates its noise to a plain mean: every client weighs 1.
+            C.KEY_NUM_EXAMPLES: 1 if equal_weights(record) else int(result.num_examples),
+            C.KEY_NUM_TRAIN: int(result.num_examples),
             C.KEY_TRAIN_LOSS: float(result.loss),
             C.KEY_TRAIN_ACC: float(result.accuracy),
             C.KEY_TRAIN_SECONDS: float(result.seconds),
@@ -241,6 +260,9 @@ def train(msg: Message, context: Context) -> Message:
             C.KEY_TRAIN_SAMPLES: int(result.samples_seen),
         }
     )
+    if dp is not None:
+        metrics[C.KEY_DPSGD_EPSILON] = float(result.epsilon)
+        metrics[C.KEY_DPSGD_STEPS] = int(result.total_steps)
     state = model.state_dict()
     if parts.local:
         # FedBN: the client's BatchNorm (dtypes kept) waits in its Context for its next round.

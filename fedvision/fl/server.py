@@ -47,6 +47,15 @@ from fedvision.fl.checkpoint import (
     strategy_state,
 )
 from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset
+from fedvision.fl.privacy import (
+    accountant,
+    check_equal_weights,
+    nonnegative_variances,
+    privacy_record,
+    privacy_round_config,
+    privacy_summary,
+    wrap_strategy,
+)
 from fedvision.fl.round_config import lr_horizon, train_config
 from fedvision.fl.system_round import SystemRound
 from fedvision.models import build_model
@@ -60,7 +69,8 @@ def build_strategy(cfg: Mapping[str, Any]) -> SeededSampling:
     """The Flower strategy of ``cfg.strategy`` (by ``_target_``), inside seeded sampling.
 
     Every key of the strategy config goes to the Flower strategy, which alone owns how many
-    clients a round uses; ``SeededSampling`` only decides which.
+    clients a round uses; ``SeededSampling`` only decides which. Client-level DP
+    (``privacy.wrapper``) wraps the strategy inside the sampling: ``SeededSampling(DP(FedAvg))``.
     """
     scfg = cfg["strategy"]
     flwr_logger = logging.getLogger("flwr")
@@ -77,6 +87,7 @@ def build_strategy(cfg: Mapping[str, Any]) -> SeededSampling:
         flwr_logger.setLevel(level)
     if not isinstance(strategy, Strategy):
         raise FedvisionError(f"strategy._target_ {scfg.get('_target_')!r} is no Strategy")
+    strategy = wrap_strategy(cfg, strategy)
     return SeededSampling(
         strategy,
         seed=int(cfg["seed"]),
@@ -362,6 +373,9 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         run_dir, history, select_on=select_on, tracker=build_tracker(cfg, run_dir)
     )
     system = SystemRound.build(cfg, run_dir, history)  # None under system=none
+    # Client-level DP: released rounds so far (a resumed run continues the account).
+    dp_account = accountant(cfg, releases=int(history[-1].get("dp_releases", 0)) if history else 0)
+    stopped: str | None = None
     # The strategy sees only what training changes (and FedBN keeps BatchNorm on the clients);
     # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
     parts = run_parts(cfg, num_classes)
@@ -414,11 +428,20 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     )
     t_start = time.perf_counter()
     for rnd in range(start + 1, num_rounds + 1):
+        if dp_account is not None and (stopped := dp_account.next_round_exceeds(rnd)):
+            tqdm.write(
+                f"fedvision: {stopped}; the run stops after round {rnd - 1}", file=sys.stderr
+            )
+            break
         t0 = time.perf_counter()
         if rnd == start + 1:
             timings["first_round_start"] = time.time()
         config = ConfigRecord(
-            {**train_config(cfg, rnd, num_classes), C.KEY_BASE_FINGERPRINT: base_fp}
+            {
+                **train_config(cfg, rnd, num_classes),
+                **privacy_round_config(cfg),
+                C.KEY_BASE_FINGERPRINT: base_fp,
+            }
         )
         # Clients that restarted or reconnected come back under new node ids.
         joined = directory.refresh(grid)
@@ -462,10 +485,17 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         # Counted before aggregating: some strategies empty the replies they aggregate.
         bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
         train_metrics = None
+        released = False
         if aggregate:
+            if dp_account is not None:
+                check_equal_weights(ok)
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 arrays = merge(arrays, unpack(float32_arrays(new_arrays), layout))
+                released = True
+        if dp_account is not None and released:
+            dp_account.step()
+            arrays = nonnegative_variances(arrays)
         record: dict[str, Any] = {
             "round": rnd,
             "train_loss": train_metrics.get(C.KEY_TRAIN_LOSS) if train_metrics else None,
@@ -478,6 +508,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             "bytes_up": int(bytes_up),
         }
         record.update(sim_record)
+        record.update(privacy_record(dp_account, ok))
         if failures:
             record["failures"] = failures
         if not aggregate:
@@ -513,7 +544,11 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     return recorder.finish(
         num_rounds=num_rounds,
         wall_s=time.perf_counter() - t_start,
-        extra={"timings": timings, **({"local_bn": True} if parts.local else {})},
+        extra={
+            "timings": timings,
+            **({"local_bn": True} if parts.local else {}),
+            **privacy_summary(cfg, dp_account, recorder.records, stopped),
+        },
     )
 
 

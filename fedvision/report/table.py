@@ -216,6 +216,13 @@ def summarise(
             row["sim_time_s_mean"], row["sim_time_s_std"] = _mean_std(
                 [max(float(x.get("sim_time_s") or 0.0) for x in r.records) for r in clocked]
             )
+        # Differential privacy: the run's final epsilon (client-level, else the largest DP-SGD
+        # epsilon of any client) at the delta of its config.
+        row["epsilon_mean"], row["epsilon_std"] = _mean_std(
+            [float(r.summary["epsilon"]) for r in done if r.summary.get("epsilon") is not None]
+        )
+        deltas = {r.summary["privacy"]["delta"] for r in done if "privacy" in r.summary}
+        row["delta"] = deltas.pop() if len(deltas) == 1 else None
         rows.append(row)
     if any("sim_reached_target" in row for row in rows):  # one set of columns for the CSV
         for row in rows:
@@ -238,14 +245,20 @@ def _pm(mean: float | None, std: float | None, fmt: str = "{:.3f}") -> str:
 
 def format_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], target: float) -> str:
     """The table a paper could use, plus the runs that were left out and why."""
-    # Simulated-time columns only when some run has a simulated clock (system=...).
+    # Simulated-time columns only when some run has a simulated clock (system=...); the
+    # epsilon column only when some run used differential privacy.
     clock = any(r.get("sim_reached_target") is not None for r in rows)
+    private = any(r.get("epsilon_mean") is not None or r.get("delta") for r in rows)
     lines = [
         f"| group | runs | label TV | test acc. (final) | test acc. at best val. | "
         f"rounds to {target:g} | "
         + (f"sim. s to {target:g} | sim. s total | " if clock else "")
-        + "GB moved | wall s |",
-        ("| --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * (4 if clock else 2)).rstrip(),
+        + "GB moved | wall s |"
+        + (" ε (δ) |" if private else ""),
+        (
+            "| --- | ---: | ---: | ---: | ---: | ---: | "
+            + "---: | " * ((4 if clock else 2) + (1 if private else 0))
+        ).rstrip(),
     ]
     for r in rows:
         reach = f"{_pm(r['rounds_to_target_mean'], r['rounds_to_target_std'], '{:.1f}')} "
@@ -262,11 +275,15 @@ def format_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], target:
                 )
         gb = "-" if r["bytes_mean"] is None else f"{r['bytes_mean'] / 1e9:.2f}"
         tv = _pm(r["label_tv_mean"], r["label_tv_std"], "{:.2f}")
+        eps = ""
+        if private:
+            eps = f" {_pm(r.get('epsilon_mean'), r.get('epsilon_std'), '{:.2f}')}"
+            eps += f" ({r['delta']:g}) |" if r.get("delta") else " |"
         lines.append(
             f"| {r['group']} | {r['runs']} | {tv} | "
             f"{_pm(r['test_accuracy_final_mean'], r['test_accuracy_final_std'])} | "
             f"{_pm(r['test_accuracy_at_best_val_mean'], r['test_accuracy_at_best_val_std'])} | "
-            f"{reach} | {sim}{gb} | {_pm(r['wall_s_mean'], r['wall_s_std'], '{:.0f}')} |"
+            f"{reach} | {sim}{gb} | {_pm(r['wall_s_mean'], r['wall_s_std'], '{:.0f}')} |" + eps
         )
     left_out = [r for r in runs if r.status != "finished"]
     if left_out:
