@@ -154,3 +154,25 @@ def test_report_refuses_an_unknown_sort_key(tmp_path):
 
     with pytest.raises(FedvisionError, match="sort by 'speed'"):
         summarise([], 0.5, sort_by="speed")
+
+
+def test_privacy_runs_get_an_epsilon_column_and_an_accuracy_against_epsilon_plot(tmp_path):
+    sweep = tmp_path / "sweep"
+    for name, seed, alpha, best, eps in (("0", 0, 0.5, 0.3, 2.0), ("1", 1, 0.5, 0.4, 4.0)):
+        fake_run(sweep / name, seed=seed, alpha=alpha, accs=[0.1, best], best=best)
+        summary = json.loads((sweep / name / C.RUN_SUMMARY).read_text())
+        summary.update(epsilon=eps, privacy={"delta": 1e-5})
+        (sweep / name / C.RUN_SUMMARY).write_text(json.dumps(summary))
+    fake_run(sweep / "2", seed=0, alpha=0.1, accs=[0.1, 0.6], best=0.6)  # no DP
+    out = tmp_path / "rep"
+    assert main(["report", str(sweep), "--out", str(out)]) == 0
+    text = (out / C.REPORT_MD).read_text()
+    assert "ε (δ)" in text and "3.00 ± 1.41 (1e-05)" in text  # (2 + 4) / 2, std sqrt(2)
+    assert (out / C.REPORT_PRIVACY_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_privacy_plot_without_private_runs(tmp_path):
+    fake_run(tmp_path / "run", seed=0, alpha=0.5, accs=[0.1, 0.5], best=0.5)
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 0
+    assert not (tmp_path / "rep" / C.REPORT_PRIVACY_PLOT).exists()
+    assert "ε" not in (tmp_path / "rep" / C.REPORT_MD).read_text()

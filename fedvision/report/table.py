@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -382,6 +383,43 @@ def plot_sim_time(
     return path
 
 
+def plot_privacy(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Test accuracy (at the best validation round) against epsilon: one point per group.
+
+    Groups without a finite epsilon (no DP, or no noise) are drawn as a dashed line across the
+    plot: the accuracy that privacy is paid in. None when no group has an epsilon.
+    """
+    private = [r for r in rows if r.get("epsilon_mean") not in (None, math.inf)]
+    if not private:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in private:
+        ax.errorbar(
+            r["epsilon_mean"], r["test_accuracy_at_best_val_mean"],
+            xerr=r["epsilon_std"] or 0.0, yerr=r["test_accuracy_at_best_val_std"] or 0.0,
+            marker="o", capsize=3, label=f"{r['group']} (n={r['runs']})",
+        )  # fmt: skip
+    for r in rows:
+        if r.get("epsilon_mean") is None and r.get("test_accuracy_at_best_val_mean") is not None:
+            ax.axhline(r["test_accuracy_at_best_val_mean"], linestyle="--", color="grey")
+            ax.annotate(
+                f"no DP: {r['group']}", (0.01, r["test_accuracy_at_best_val_mean"]),
+                xycoords=("axes fraction", "data"), fontsize=7, va="bottom",
+            )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="epsilon (client-level unless DP-SGD), log scale",
+        ylabel="test accuracy at best val. round", ylim=(0, 1),
+        title="privacy against accuracy: mean ± std over seeds",
+    )  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_report(
     paths: Sequence[Path],
     out: Path,
@@ -392,7 +430,8 @@ def write_report(
 ) -> str:
     """Read the runs under ``paths``; write the markdown table, the CSV and the plots to ``out``.
 
-    Runs with a simulated clock (``system=...``) also get ``report_sim_time.png``.
+    Runs with a simulated clock (``system=...``) also get ``report_sim_time.png``, runs with
+    differential privacy ``report_privacy.png``.
     """
     runs = [load_run(p) for p in find_run_dirs(paths)]
     rows = summarise(runs, target, group_by=group_by, sort_by=sort_by)
@@ -405,4 +444,5 @@ def write_report(
         writer.writerows(rows)
     plot_groups(runs, out / C.REPORT_PLOT, group_by)
     plot_sim_time(runs, out / C.REPORT_SIM_PLOT, group_by)
+    plot_privacy(rows, out / C.REPORT_PRIVACY_PLOT)
     return text
