@@ -128,7 +128,8 @@ def _report(ns: argparse.Namespace) -> int:
     group_by = [k.strip() for k in ns.group_by.split(",") if k.strip()] if ns.group_by else None
     text = write_report(ns.dirs, ns.out, target=ns.target, group_by=group_by, sort_by=ns.sort_by)
     print(text, end="")
-    print(f"wrote {ns.out}/report.md, report.csv, report.png", file=sys.stderr)
+    plots = sorted(p.name for p in ns.out.glob("report*.png"))
+    print(f"wrote {ns.out}/report.md, report.csv, {', '.join(plots)}", file=sys.stderr)
     return 0
 
 
