@@ -1,1 +1,1 @@
-"""Aggregation rules that Flower lacks or gets wrong (none yet: FedAvg/FedProx come from Flower)."""
+"""Aggregation rules Flower 1.39's Message API lacks: SCAFFOLD, FedNova, and seeded sampling."""
