@@ -166,6 +166,11 @@ def _certs(ns: argparse.Namespace) -> int:
     return 0
 
 
+def client_log(partition_id: int) -> Path:
+    """A client's default SuperNode log: one per partition, so clients on one host keep apart."""
+    return Path(f"supernode-{partition_id}.log")
+
+
 def _until_signal(stop: threading.Event) -> None:
     """Set ``stop`` on Ctrl-C or SIGTERM (a service manager's stop) instead of dying mid-way."""
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -254,12 +259,12 @@ def _client(ns: argparse.Namespace) -> int:
         node_config=node,
         heartbeat_s=ns.heartbeat,
         max_wait_s=ns.max_wait,
-        log=ns.log,
+        log=ns.log or client_log(ns.partition_id),
     )
     stop = threading.Event()
     _until_signal(stop)
     print(
-        f"fedvision: client {ns.partition_id} connecting to {ns.server} (log {ns.log}); "
+        f"fedvision: client {ns.partition_id} connecting to {ns.server} (log {opts.log}); "
         "Ctrl-C stops it",
         file=sys.stderr,
         flush=True,
@@ -445,7 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="give up after this many seconds without the server (never)",
     )
-    cli.add_argument("--log", type=Path, default=Path("supernode.log"), help="(supernode.log)")
+    cli.add_argument(
+        "--log",
+        type=Path,
+        default=None,
+        help="the SuperNode's log (supernode-<partition id>.log: clients on one host keep apart)",
+    )
     cli.add_argument("--quiet", action="store_true", help="no progress on stderr")
     cli.set_defaults(handler=_client)
 

@@ -101,3 +101,27 @@ def test_the_worker_keeps_serving_after_a_task_fails(monkeypatch):
     done = client_worker.serve_tasks("127.0.0.1:1", stop, poll_s=0.0)
     assert ran == ["stale-task", "next-run-task"]
     assert done == 2
+
+
+def test_clients_on_one_host_log_to_their_own_files_by_default(monkeypatch, tmp_path):
+    # Three clients started as the README's guide starts them (no --log) once wrote one shared
+    # supernode.log, their lines interleaved.
+    import signal as signal_module
+
+    from fedvision.cli import main
+    from fedvision.runtime import deploy
+
+    seen = []
+    monkeypatch.setattr(deploy, "run_client", lambda opts, _stop: seen.append(opts.log) or 0)
+    monkeypatch.chdir(tmp_path)
+    sigs = (signal_module.SIGINT, signal_module.SIGTERM)
+    handlers = {s: signal_module.getsignal(s) for s in sigs}
+    try:
+        for pid in (0, 2):
+            args = ["client", "--server", "localhost:9092", "--partition-id", str(pid)]
+            assert main([*args, "--insecure"]) == 0
+        assert main([*args, "--insecure", "--log", "mine.log"]) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal_module.signal(sig, handler)
+    assert [str(p) for p in seen] == ["supernode-0.log", "supernode-2.log", "mine.log"]
