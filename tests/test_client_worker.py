@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -76,9 +77,10 @@ def test_a_refused_heartbeat_marks_the_task_withdrawn_without_sigint(sigints):
     assert not ok.is_set()
 
 
-def test_the_worker_keeps_serving_after_a_task_fails(monkeypatch):
+def _serve(monkeypatch, tokens, run_task):
+    """serve_tasks against a fake SuperNode that hands out ``tokens``, then stops the worker."""
     stop = threading.Event()
-    tasks = iter(["stale-task", "next-run-task"])
+    tasks = iter(tokens)
 
     def acquire(_req):
         token = next(tasks, None)
@@ -89,18 +91,80 @@ def test_the_worker_keeps_serving_after_a_task_fails(monkeypatch):
 
     fake = SimpleNamespace(AcquireTask=acquire, close=lambda: None)
     monkeypatch.setattr(client_worker, "_client", lambda *_a: fake)
+    monkeypatch.setattr(client_worker, "run_task", run_task)
+    return client_worker.serve_tasks("127.0.0.1:1", stop, poll_s=0.0)
+
+
+def test_the_worker_keeps_serving_after_a_task_fails(monkeypatch):
     ran = []
 
-    def run_task(_address, token, _certs=None):
+    def run_task(_address, token, _certs=None, _lock=None):
         ran.append(token)
         if token == "stale-task":
             raise TaskWithdrawn("the SuperNode refused the task (HTTP 401)")
         return "completed"
 
-    monkeypatch.setattr(client_worker, "run_task", run_task)
-    done = client_worker.serve_tasks("127.0.0.1:1", stop, poll_s=0.0)
-    assert ran == ["stale-task", "next-run-task"]
-    assert done == 2
+    assert _serve(monkeypatch, ["stale-task", "next-run-task"], run_task) == 2
+    assert sorted(ran) == ["next-run-task", "stale-task"]
+
+
+def test_a_task_whose_message_never_arrives_does_not_hold_up_the_next(monkeypatch):
+    # CI, 2026-11-28: after a SuperLink restart a SuperNode handed out a task of the dead run
+    # whose objects it had stopped pulling; the worker waited on it, and the new run's query
+    # to that client was never answered ("only 2 of 3 clients connected").
+    next_done = threading.Event()
+    order = []
+
+    def run_task(_address, token, _certs=None, _lock=None):
+        if token == "stale-task":
+            order.append("stale waits")
+            assert next_done.wait(timeout=10), "the next task never ran beside the stale one"
+            order.append("stale gives up")
+        else:
+            order.append("next runs")
+            next_done.set()
+        return "completed"
+
+    assert _serve(monkeypatch, ["stale-task", "next-run-task"], run_task) == 2
+    assert order == ["stale waits", "next runs", "stale gives up"]
+
+
+def test_concurrent_tasks_call_the_client_app_one_at_a_time(monkeypatch):
+    # Tasks share the worker's model (fedvision.fl.clientapp caches one per process).
+    import fedvision.fl.clientapp as clientapp_module
+
+    inside, overlaps = [], []
+
+    def app(message, context):
+        if inside:
+            overlaps.append(1)
+        inside.append(1)
+        time.sleep(0.05)
+        inside.pop()
+        return "reply"
+
+    def pulled(_client):
+        run = SimpleNamespace(fab_id=client_worker.FAB_ID, fab_version=client_worker.__version__)
+        return "message", "context", run, None
+
+    monkeypatch.setattr(clientapp_module, "app", app)
+    monkeypatch.setattr(client_worker, "_pull_task_input", pulled)
+    monkeypatch.setattr(client_worker, "_client", lambda *_a: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(client_worker, "_task_heartbeat_fn", lambda *_a: lambda: True)
+    import flwr.supernode.runtime.run_clientapp as run_clientapp
+
+    monkeypatch.setattr(run_clientapp, "push_message", lambda *a, **k: None)
+    monkeypatch.setattr(run_clientapp, "push_task_output", lambda *a, **k: None)
+    lock = threading.Lock()
+    threads = [
+        threading.Thread(target=client_worker.run_task, args=("a", str(i), None, lock))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert overlaps == []
 
 
 def test_clients_on_one_host_log_to_their_own_files_by_default(monkeypatch, tmp_path):

@@ -342,3 +342,30 @@ def test_cli_prints_user_errors_on_one_line(dataset, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fedvision: error: num_rounds=0 must be >= 1")
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_real_sweep_reports_what_its_runs_summarised(dataset, tmp_path):
+    """Two seeds and one impossible value in one multirun: the report's means are the runs'."""
+    import csv
+
+    sweep = tmp_path / "sweep"
+    args = [f"{k}" for k in overrides(dataset, num_rounds=1, **{"client.local_epochs": 1})]
+    args = [a for a in args if not a.startswith("num_rounds=")]
+    code = cli_main(["run", "-m", *args, "num_rounds=1,0", "seed=0,1", f"hydra.sweep.dir={sweep}"])
+    assert code == 1  # the num_rounds=0 runs failed; the others ran all the same
+    jobs = json.loads((sweep / C.SWEEP_SUMMARY).read_text())["jobs"]
+    assert sorted(j["status"] for j in jobs) == ["failed", "failed", "finished", "finished"]
+    out = tmp_path / "report"
+    assert cli_main(["report", str(sweep), "--out", str(out)]) == 0
+    rows = {r["group"]: r for r in csv.DictReader((out / C.REPORT_CSV).open())}
+    finished = [sweep / j["dir"] for j in jobs if j["status"] == "finished"]
+    summaries = [json.loads((d / C.RUN_SUMMARY).read_text()) for d in finished]
+    tv = [json.loads((d / C.PARTITION_SUMMARY).read_text())["mean_tv"] for d in finished]
+    row = rows["num_rounds=1"]
+    assert int(row["runs"]) == 2 and int(row["not_finished"]) == 0
+    want = sum(s["test_accuracy_final"] for s in summaries) / 2
+    assert float(row["test_accuracy_final_mean"]) == pytest.approx(want)
+    assert float(row["label_tv_mean"]) == pytest.approx(sum(tv) / 2)
+    assert int(rows["num_rounds=0"]["not_finished"]) == 2
+    for d in finished:  # TensorBoard mirrors each round of metrics.jsonl
+        assert any((d / "tensorboard").glob("events.out.tfevents.*"))

@@ -75,3 +75,64 @@ def test_a_sweep_records_a_failed_run_and_goes_on(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert "failed (num_rounds=-1 must be >= 1)" in report.stdout
+
+
+class _FakeWandbRun:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def log(self, data, step):
+        self.calls.append(("log", data, step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def test_the_wandb_tracker_runs_offline_named_by_directory_and_grouped_by_sweep(
+    tmp_path, monkeypatch
+):
+    # wandb is an optional package (not installed here): a stand-in records what is called.
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)) or _FakeWandbRun(calls)
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run_dir = tmp_path / "sweep" / "3"
+    run_dir.mkdir(parents=True)
+    cfg = {"seed": 1, "partition": {"alpha": 0.1}, "tracking": {"kind": "wandb"}}
+    tracker = build_tracker(cfg, run_dir)
+    tracker.log({"round": 2, "test_accuracy": 0.5, "clients": [1]}, 2)
+    tracker.close()
+    (_, init), log, finish = calls
+    assert init["mode"] == "offline" and init["project"] == "fedvision"
+    assert (init["name"], init["group"]) == ("3", "sweep")
+    assert init["config"]["partition.alpha"] == 0.1
+    assert log == ("log", {"test_accuracy": 0.5}, 2) and finish == ("finish",)
+
+
+def test_the_mlflow_tracker_logs_params_and_metrics_to_a_file_store(tmp_path, monkeypatch):
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(
+        set_tracking_uri=lambda uri: calls.append(("uri", uri)),
+        set_experiment=lambda name: calls.append(("experiment", name)),
+        start_run=lambda **kw: calls.append(("start", kw)),
+        log_params=lambda p: calls.append(("params", p)),
+        log_metrics=lambda m, step: calls.append(("metrics", m, step)),
+        end_run=lambda: calls.append(("end",)),
+    )
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    run_dir = tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    cfg = {"seed": 0, "tracking": {"kind": "mlflow", "uri": None, "experiment": "fv"}}
+    tracker = build_tracker(cfg, run_dir)
+    tracker.log({"round": 1, "val_accuracy": 0.25}, 1)
+    tracker.close()
+    assert calls[0] == ("uri", (tmp_path / "sweep" / "mlruns").resolve().as_uri())
+    assert calls[1] == ("experiment", "fv")
+    assert calls[2] == ("start", {"run_name": "0", "tags": {"sweep": "sweep"}})
+    assert calls[3][0] == "params" and calls[3][1]["seed"] == "0"
+    assert calls[4:] == [("metrics", {"val_accuracy": 0.25}, 1), ("end",)]

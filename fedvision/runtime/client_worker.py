@@ -17,12 +17,17 @@ another fedvision version gets an error reply that says so, instead of running f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 
 from fedvision import __version__
 from fedvision.errors import FedvisionError
+
+# How long a task waits for its message's objects to reach the SuperNode (Flower: 2 h). A model
+# on a slow link takes minutes; a task whose run ended never gets them, and gives up after this.
+PULL_MAX_S = 1800.0
 
 # The app a FAB must be for this worker to run it (``[tool.flwr.app] publisher`` / project name).
 FAB_ID = "fedvision/fedvision"
@@ -140,13 +145,22 @@ def _pull_task_input(client):
         initial_backoff=0.05,
         backoff_cap=0.2,
         max_tries_per_object=None,
+        max_time=PULL_MAX_S,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id
     return message, context, run, fab
 
 
-def run_task(address: str, token: str, root_certificates: bytes | None = None) -> str:
-    """Run one acquired task (one message) in this process; return its final sub-status."""
+def run_task(
+    address: str,
+    token: str,
+    root_certificates: bytes | None = None,
+    app_lock: threading.Lock | None = None,
+) -> str:
+    """Run one acquired task (one message) in this process; return its final sub-status.
+
+    ``app_lock`` serialises the ClientApp calls of concurrent tasks (they share one model).
+    """
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
@@ -170,7 +184,8 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
                 f"this client runs fedvision {__version__}; the run is {run.fab_id} "
                 f"{run.fab_version}: install the server's fedvision version on this client"
             )
-        reply = app(message=message, context=context)
+        with app_lock or contextlib.nullcontext():
+            reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except (TaskWithdrawn, RunNotRunningException):
         withdrawn.set()
@@ -207,6 +222,12 @@ def serve_tasks(
     """Acquire ClientApp tasks from a SuperNode's Runtime API and run them until ``stop``.
 
     Returns the number of tasks run. Connection errors (the SuperNode restarting) are retried.
+
+    Each task runs in its own thread, its ClientApp call under one lock: a task whose message
+    never arrives must not hold up the next. After a SuperLink restart a SuperNode can hand out
+    a task of the run that died with it, whose objects it stopped pulling ("not in RUNNING
+    status. Ignoring message") without finishing the task; that task waits for them in its
+    thread (up to ``PULL_MAX_S``) while the next run's tasks are served.
     """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
@@ -215,6 +236,8 @@ def serve_tasks(
 
     done = 0
     client = None
+    app_lock = threading.Lock()
+    running: list[threading.Thread] = []
     while not stop.is_set():
         try:
             if client is None:
@@ -227,13 +250,26 @@ def serve_tasks(
             stop.wait(1.0)
             continue
         if res.HasField("task") and res.token:
-            try:
-                run_task(address, res.token, root_certificates)
-            except Exception:  # one task's trouble must not end the client's service
-                logging.getLogger("fedvision").exception("a ClientApp task could not finish")
+            task = threading.Thread(
+                target=_run_task_logged,
+                args=(address, res.token, root_certificates, app_lock),
+                name=f"fedvision-task-{done}",
+                daemon=True,  # a task still waiting for its message must not keep us alive
+            )
+            task.start()
+            running = [t for t in running if t.is_alive()] + [task]
             done += 1
         else:
             time.sleep(poll_s)
     if client is not None:
         client.close()
+    for task in running:
+        task.join(timeout=10.0)
     return done
+
+
+def _run_task_logged(*args) -> None:
+    try:
+        run_task(*args)
+    except Exception:  # one task's trouble must not end the client's service
+        logging.getLogger("fedvision").exception("a ClientApp task could not finish")
