@@ -455,13 +455,16 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = []
         for cfg_file in sorted(sweep_dir.glob(f"*/{C.RUN_CONFIG}")):
-            status = read_status(cfg_file.parent) or {"status": "unfinished"}
+            status = read_status(cfg_file.parent)
+            if status is None:  # prepared for `flwr run` (runtime=prepare_only), or cut short
+                prepared = (cfg_file.parent / C.RUN_PLAN).is_file()
+                status = {"status": "prepared" if prepared else "unfinished"}
             jobs.append(
                 {"dir": cfg_file.parent.name, "status": status["status"],
                  "error": status.get("error")}
             )  # fmt: skip
         write_json_atomic(sweep_dir / C.SWEEP_SUMMARY, {"jobs": jobs})
-        failed = [j for j in jobs if j["status"] != "finished"]
+        failed = [j for j in jobs if j["status"] not in ("finished", "prepared")]
         print(
             f"fedvision: sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} runs "
             f"finished" + (f", {len(failed)} did not:" if failed else ""),

@@ -136,3 +136,29 @@ def test_the_mlflow_tracker_logs_params_and_metrics_to_a_file_store(tmp_path, mo
     assert calls[2] == ("start", {"run_name": "0", "tags": {"sweep": "sweep"}})
     assert calls[3][0] == "params" and calls[3][1]["seed"] == "0"
     assert calls[4:] == [("metrics", {"val_accuracy": 0.25}, 1), ("end",)]
+
+
+def test_a_prepared_sweep_is_no_failure_and_a_cut_short_run_is(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedvision.rundir import write_status
+    from fedvision.runner import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / C.RUN_CONFIG).write_text("seed: 0\n")
+    (sweep / "0" / C.RUN_PLAN).write_text("{}")  # runtime=prepare_only: ready for `flwr run`
+    write_status(sweep / "1", "finished")
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    SweepSummary().on_multirun_end(cfg)  # no SystemExit: nothing failed
+    jobs = json.loads((sweep / C.SWEEP_SUMMARY).read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["prepared", "finished"]
+
+    (sweep / "2").mkdir()
+    (sweep / "2" / C.RUN_CONFIG).write_text("seed: 1\n")  # neither prepared nor finished
+    with pytest.raises(SystemExit) as exited:
+        SweepSummary().on_multirun_end(cfg)
+    assert exited.value.code == 1
+    jobs = json.loads((sweep / C.SWEEP_SUMMARY).read_text())["jobs"]
+    assert jobs[2]["status"] == "unfinished"
