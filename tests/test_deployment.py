@@ -185,6 +185,27 @@ def test_tls_run_equals_the_simulation_exactly(dataset, federation, simulated, t
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_scaffold_over_tls_equals_the_simulation_so_client_state_persists(
+    dataset, federation, tmp_path
+):
+    # SCAFFOLD's c_i lives in each SuperNode's Context between rounds (through the warm task
+    # worker): had round 1's c_i been lost, round 2 would train with another correction and
+    # the metrics would part from the simulation's.
+    extra = {"strategy": "scaffold", "client.momentum": 0.0}
+    sim_dir = tmp_path / "sim"
+    run_experiment(compose_config(overrides(dataset, num_rounds=3, **extra)), sim_dir)
+    federation.start_server()
+    for pid in range(NUM):
+        federation.start_client(pid)
+    run_dir = tmp_path / "run"
+    cfg = overrides(dataset, num_rounds=3, **extra, **federation.runtime())
+    assert run_experiment(compose_config(cfg), run_dir)["rounds_done"] == 3
+    got, want = read_metrics(run_dir), read_metrics(sim_dir)
+    for g, w in zip(got, want, strict=True):
+        for key in ("test_accuracy", "test_loss", "train_loss"):
+            assert g.get(key) == w.get(key), (key, g, w)
+
+
 def test_a_client_killed_mid_round_is_recorded_and_the_run_finishes(dataset, federation, tmp_path):
     federation.start_server()
     for pid in range(NUM):
