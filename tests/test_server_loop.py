@@ -446,3 +446,30 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(
     assert summary["selection"] == "client_val_accuracy" and summary["local_bn"] is True
     best = max(records[1:], key=lambda r: (r["client_val_accuracy"], -r["round"]))
     assert summary["best_round"] == best["round"]
+
+
+def test_a_node_the_superlink_lost_is_asked_again_not_fatal():
+    # CI, 2026-11-28: after a SuperLink restart a node still listed but not heartbeating got the
+    # SuperLink's "Node Unavailable" error reply to its query, which failed the resumed run.
+    from fedvision.fl.server import ClientDirectory
+
+    class Lagging(ScriptedGrid):
+        def __init__(self):
+            super().__init__(nodes=(101, 102))
+            self.lost = {102}
+
+        def send_and_receive(self, messages, timeout):
+            out = []
+            for m in messages:
+                if m.metadata.dst_node_id in self.lost:
+                    out.append(Message(Error(code=5, reason="Node Unavailable"), reply_to=m))
+                else:
+                    out += super().send_and_receive([m], timeout)
+            return out
+
+    grid = Lagging()
+    directory = ClientDirectory(2)
+    assert directory.refresh(grid) == [0]  # node 102 lost: no error, not yet known
+    grid.lost.clear()  # its heartbeats resume
+    assert directory.refresh(grid) == [1]
+    assert directory.partition_of == {101: 0, 102: 1}

@@ -129,6 +129,9 @@ def check_strategy(cfg: Mapping[str, Any]) -> None:
 # How often the round loop asks the grid for replies. Flower's deployment grid sleeps 3 s between
 # pulls in send_and_receive; a short poll costs a few tiny requests and saves seconds per round.
 POLL_S = 0.05
+# Error codes the SuperLink writes for a node it cannot reach (Flower's ErrorCode): the node's
+# query is retried at the next refresh instead of failing the run.
+UNREACHABLE = (3, 4, 5)  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
 # How long a node that just appeared gets to say which partition it holds.
 QUERY_TIMEOUT_S = 15.0
 
@@ -179,6 +182,10 @@ class ClientDirectory:
         joined = []
         replies = exchange(grid, queries, timeout_s) if new else []
         for reply in replies:
+            if reply.has_error() and int(reply.error.code) in UNREACHABLE:
+                # The SuperLink answers for a node it lost (a restart, a lapsed heartbeat): not
+                # the client's fault; it is asked again at the next refresh if it comes back.
+                continue
             if reply.has_error():
                 raise FedvisionError(
                     f"client on node {reply.metadata.src_node_id} failed to start: "
