@@ -26,7 +26,7 @@ from fedvision.engine import TrainConfig
 from fedvision.engine.dpsgd import DPSGDConfig, check_dpsgd_model, train_local_dpsgd
 from fedvision.errors import FedvisionError
 from fedvision.fl import clientapp
-from fedvision.fl.privacy import clipping_mod, wrap_strategy
+from fedvision.fl.privacy import clipping_mod, update_norm_record, wrap_strategy
 from fedvision.fl.server import serve
 from fedvision.privacy import ClientLevelAccountant
 from fedvision.report.metrics import read_metrics
@@ -118,6 +118,19 @@ def test_server_side_clipping_bounds_each_update_at_the_clipping_norm():
     np.testing.assert_allclose(
         out[C.KEY_FLAT].numpy() - base, [0.3, 0.4, 0.15, -0.2], rtol=1e-5, atol=1e-6
     )
+
+
+def test_update_norms_are_measured_against_what_was_sent_and_count_clipping():
+    base = np.full(4, 10.0, dtype=np.float32)
+    sent = ArrayRecord({C.KEY_FLAT: Array(base)})
+    moves = ([3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.3, -0.4], [0.0, 0.0, 0.0, 2.0])  # norms 5, 0.5, 2
+    replies = [_reply(base + np.array(m, dtype=np.float32), k) for k, m in enumerate(moves)]
+    record = update_norm_record(replies, sent, clipping_norm=1.0)
+    assert record == pytest.approx(
+        {"update_norm_median": 2.0, "update_norm_max": 5.0, "clipped_fraction": 2 / 3}
+    )
+    assert "clipped_fraction" not in update_norm_record(replies, sent, clipping_norm=None)
+    assert update_norm_record([], sent, clipping_norm=1.0) == {}
 
 
 @pytest.mark.parametrize(("mode", "norm_bit"), [("client-fixed", None), ("client-adaptive", 1)])
@@ -322,6 +335,16 @@ def test_a_two_round_server_fixed_run_records_epsilon_every_round(dataset, tmp_p
     assert {r.content[C.KEY_METRICS][C.KEY_NUM_EXAMPLES] for r in replies} == {1}
     assert all(r.content[C.KEY_METRICS][C.KEY_NUM_TRAIN] > 1 for r in replies)
     assert all(math.isfinite(r["test_loss"]) for r in rounds)  # noised variances clamped
+    # The norms are measured before the wrapper clips: its clipping rewrites the replies in
+    # place, so after the round every update has norm C = 0.5 and the recorded ones are larger.
+    first = [(m, r) for m, r, _ in grid.log if m.metadata.message_type == "train"][:2]
+    for m, r in first:
+        moved = (
+            r.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy()
+            - m.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy()
+        )
+        assert np.linalg.norm(moved.astype(np.float64)) == pytest.approx(0.5, rel=1e-4)
+    assert rounds[0]["update_norm_median"] > 0.5 and rounds[0]["clipped_fraction"] == 1.0
     report = write_report([run_dir], tmp_path / "report")
     assert "ε (δ)" in report and f"{rounds[-1]['epsilon']:.2f} (1e-05)" in report
 

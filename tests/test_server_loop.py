@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
@@ -349,6 +350,19 @@ def test_full_finetuning_still_sends_the_whole_model(dataset, tmp_path):
         assert m.content[C.KEY_CONFIG][C.KEY_BASE_FINGERPRINT] == ""  # no base needed
     record = read_metrics(run_dir)[1]
     assert record["bytes_down"] == record["bytes_up"] == 2 * _message_bytes(initial, initial)
+    # How far each client moved, from what it was sent and what it sent back (FedAvg leaves the
+    # replies as they came; no clipping norm, so no clipped fraction).
+    norms = [
+        np.linalg.norm(
+            r.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy().astype(np.float64)
+            - m.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy()
+        )
+        for m, r, _ in _train_exchanges(grid, 1)
+    ]
+    assert len(norms) == 2 and min(norms) > 0
+    assert record["update_norm_median"] == pytest.approx(float(np.median(norms)))
+    assert record["update_norm_max"] == pytest.approx(max(norms))
+    assert "clipped_fraction" not in record
 
 
 def test_a_client_with_another_base_fails_with_one_clear_line(dataset, tmp_path):

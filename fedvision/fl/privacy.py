@@ -87,6 +87,40 @@ def client_level_mode(cfg: Mapping[str, Any]) -> str:
     return "none" if cls is None else MODES[cls]
 
 
+def server_clipping_norm(cfg: Mapping[str, Any]) -> float | None:
+    """The fixed norm the server clips each update to (``server_fixed``), else ``None``."""
+    if client_level_mode(cfg) != "server-fixed":
+        return None
+    return float(_privacy(cfg)["wrapper"]["clipping_norm"])
+
+
+def update_norm_record(
+    replies: Iterable[Message], sent: ArrayRecord, clipping_norm: float | None
+) -> dict[str, Any]:
+    """How far the clients moved: L2 norms of ``reply - sent`` for ``metrics.jsonl``.
+
+    The norms are of what the server receives (under client-side clipping: already clipped).
+    They are how one picks a clipping norm (about the median, Andrew et al. 2021) and they show
+    client drift; like the train metrics, they are not noised. With server-side fixed clipping,
+    ``clipped_fraction`` is the share of updates the server scaled down.
+    """
+    base = sent[C.KEY_FLAT].numpy().astype(np.float64)
+    norms = [
+        float(np.linalg.norm(m.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy() - base))
+        for m in replies
+        if not m.has_error()
+    ]
+    if not norms:
+        return {}
+    out: dict[str, Any] = {
+        "update_norm_median": float(np.median(norms)),
+        "update_norm_max": max(norms),
+    }
+    if clipping_norm is not None:
+        out["clipped_fraction"] = sum(n > clipping_norm for n in norms) / len(norms)
+    return out
+
+
 def num_sampled_clients(cfg: Mapping[str, Any]) -> int:
     """Clients per round, by Flower's rule over ``num_clients`` (all connect before round 1)."""
     s = cfg["strategy"]

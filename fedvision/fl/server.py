@@ -54,6 +54,8 @@ from fedvision.fl.privacy import (
     privacy_record,
     privacy_round_config,
     privacy_summary,
+    server_clipping_norm,
+    update_norm_record,
     wrap_strategy,
 )
 from fedvision.fl.round_config import lr_horizon, train_config
@@ -382,6 +384,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     system = SystemRound.build(cfg, run_dir, history)  # None under system=none
     # Client-level DP: released rounds so far (a resumed run continues the account).
     dp_account = accountant(cfg, releases=int(history[-1].get("dp_releases", 0)) if history else 0)
+    clip_norm = server_clipping_norm(cfg)
     stopped: str | None = None
     # The strategy sees only what training changes (and FedBN keeps BatchNorm on the clients);
     # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
@@ -491,6 +494,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             )
         # Counted before aggregating: some strategies empty the replies they aggregate.
         bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
+        norms = update_norm_record(ok, shared, clip_norm)
         train_metrics = None
         released = False
         if aggregate:
@@ -515,6 +519,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             "bytes_up": int(bytes_up),
         }
         record.update(sim_record)
+        record.update(norms)
         record.update(privacy_record(dp_account, ok))
         if failures:
             record["failures"] = failures
