@@ -99,7 +99,6 @@ KEY_MOMENTUM = "momentum"  # train reply metric: the SGD momentum the client tra
 RUN_SYSTEM = "system.json"  # each client's simulated device: speed (samples/s), bandwidth (B/s)
 REPORT_SIM_PLOT = "report_sim_time.png"  # fedvision report: test accuracy over simulated time
 REPORT_PRIVACY_PLOT = "report_privacy.png"  # fedvision report: test accuracy against epsilon
-KEY_TRAIN_STEPS = KEY_STEPS  # the same metric, named for the clock's use
 KEY_TRAIN_SAMPLES = "train_samples"  # train reply metric: samples processed (the clock's work)
 # --- differential privacy (appended; see fedvision/fl/privacy.py) -------------------------------
 KEY_DP_MODE = "dp-mode"  # round config: client-level DP: none | server-/client- fixed/adaptive

@@ -317,7 +317,7 @@ def test_partial_work_sends_each_client_its_step_budget(dataset, tmp_path):
     sent = {
         m.metadata.dst_node_id - 1000: (
             m.content[C.KEY_CONFIG]["local-steps"],
-            int(r.content[C.KEY_METRICS][C.KEY_TRAIN_STEPS]),
+            int(r.content[C.KEY_METRICS][C.KEY_STEPS]),
         )
         for m, r, _ in grid.log
         if m.metadata.message_type == "train"
@@ -370,7 +370,7 @@ def test_variable_local_work_reaches_the_clients(dataset, tmp_path):
         expected = local_steps_for(4, 1, pid, 1, 3)
         assert m.content[C.KEY_CONFIG]["local-epochs"] == 0
         assert m.content[C.KEY_CONFIG]["local-steps"] == expected
-        assert r.content[C.KEY_METRICS][C.KEY_TRAIN_STEPS] == expected
+        assert r.content[C.KEY_METRICS][C.KEY_STEPS] == expected
 
 
 # --- report ---------------------------------------------------------------------------------------

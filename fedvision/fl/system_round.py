@@ -104,7 +104,7 @@ class SystemRound:
                     f"partition {pid}'s reply lacks {C.KEY_TRAIN_SAMPLES!r}, which the simulated "
                     "clock needs: the client runs an older fedvision; update it or use system=none"
                 )
-            steps, samples = int(metrics[C.KEY_TRAIN_STEPS]), int(metrics[C.KEY_TRAIN_SAMPLES])
+            steps, samples = int(metrics[C.KEY_STEPS]), int(metrics[C.KEY_TRAIN_SAMPLES])
             work[pid] = (steps, samples, _bytes(m))
             by_pid[pid] = m
         outcome = self.model.outcome(self.plans, work)
