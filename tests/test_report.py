@@ -98,6 +98,14 @@ def test_group_names_skip_absent_keys_and_name_targets_by_class():
         name for name, _ in group_runs([run(0, **fedavg), run(1, **fedavg), run(0, **fedprox)])
     ]
     assert names == ["strategy=FedAvg", "strategy=FedProx, strategy.proximal_mu=0.01"]
+    # A part only some runs have (a DP wrapper) is named "none" where it is absent.
+    dp = {"privacy.wrapper._target_": "flwr.serverapp.strategy.DifferentialPrivacyServerSide"}
+    no_dp = {"privacy.wrapper": None}
+    names = [name for name, _ in group_runs([run(0, **dp), run(0, **no_dp), run(1, **no_dp)])]
+    assert names == [
+        "privacy.wrapper=DifferentialPrivacyServerSide",
+        "privacy.wrapper=none",
+    ]
 
 
 def _with_partition(path, tv, fingerprint):

@@ -133,6 +133,10 @@ def _grouping(run: Run, by: Sequence[str] | None) -> dict[str, Any]:
     }
 
 
+def _class_name(target: str | None) -> str:
+    return "none" if target is None else str(target).rsplit(".", 1)[-1]
+
+
 def group_runs(runs: Sequence[Run], by: Sequence[str] | None = None) -> list[tuple[str, list[Run]]]:
     """Runs grouped by settings; each group named by the settings that differ between groups.
 
@@ -150,14 +154,15 @@ def group_runs(runs: Sequence[Run], by: Sequence[str] | None = None) -> list[tup
     named = []
     for members in groups.values():
         s = _grouping(members[0], by)
-        # A key this group lacks (FedAvg has no proximal_mu) says nothing; a `_target_` is
-        # named by its class (strategy=FedProx), the way a reader knows it.
+        # A key this group lacks (FedAvg has no proximal_mu) says nothing, except a `_target_`
+        # other groups have: then this group has none of that part (privacy.wrapper=none). A
+        # `_target_` is named by its class (strategy=FedProx), the way a reader knows it.
         parts = [
-            f"{k.removesuffix('._target_')}={str(s[k]).rsplit('.', 1)[-1]}"
+            f"{k.removesuffix('._target_')}={_class_name(s.get(k))}"
             if k.endswith("._target_")
             else f"{k}={s[k]}"
             for k in varying
-            if s.get(k) is not None
+            if s.get(k) is not None or k.endswith("._target_")
         ]
         named.append((", ".join(parts) or "all runs", members))
     return sorted(named)
