@@ -35,6 +35,7 @@ from fedvision.fl.secagg import (
     build_workflow,
     check_secagg,
     flower_apps,
+    load_app,
     quantisation_bound,
     serve_secagg,
 )
@@ -222,6 +223,14 @@ def test_clipped_values_counts_what_the_mod_will_clip():
 
 def secagg_cfg(*extra: str):
     return compose_config(["secagg=secaggplus", "num_clients=4", *extra])
+
+
+def test_the_secagg_apps_load_by_name_as_the_runtime_loads_them():
+    from flwr.serverapp import ServerApp
+
+    server, client = (load_app(ref) for ref in SECAGG_APPS)
+    assert isinstance(server, ServerApp) and isinstance(client, ClientApp)
+    assert client is secagg_clientapp.app
 
 
 def test_the_group_picks_the_second_app_pair_and_none_adds_nothing():
