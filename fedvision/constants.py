@@ -108,3 +108,7 @@ KEY_DP_DELTA = "dp-delta"
 KEY_DPSGD_EPSILON = "dpsgd-epsilon"  # train reply: this client's sample-level epsilon so far
 KEY_DPSGD_STEPS = "dpsgd-steps"  # train reply: this client's DP-SGD steps so far
 STATE_DPSGD = "fedvision-dpsgd"  # Context.state record: DP-SGD steps this client took in the run
+# --- secure aggregation (appended; see fedvision/fl/secagg.py) ----------------------------------
+KEY_SECAGG_MAX_WEIGHT = "secagg-max-weight"  # round config: the weight that maps to ratio 1
+KEY_SECAGG_CLIP = "secagg-clipping-range"  # round config: SecAgg+ clips weighted values to +-this
+KEY_SECAGG_CLIPPED = "secagg-clipped"  # train reply metric: values of this update SecAgg+ clips

@@ -50,6 +50,7 @@ from fedvision.fl.checkpoint import load_checkpoint
 from fedvision.fl.parts import check_local_bn
 from fedvision.fl.privacy import check_privacy
 from fedvision.fl.round_config import check_every_round, lr_horizon
+from fedvision.fl.secagg import check_secagg
 from fedvision.fl.server import check_strategy
 from fedvision.fl.system_round import check_system
 from fedvision.models import LoadReport, build_model, build_model_reporting, list_architectures
@@ -161,7 +162,9 @@ def check_config(cfg: DictConfig) -> Runtime:
     check_tracking(plain)
     check_system(plain)  # simulated devices: values, and the trace file reads
     check_privacy(plain)  # delta, budget, DP-SGD (client-level DP is built by check_strategy)
-    return build_runtime(cfg)
+    runtime = build_runtime(cfg)
+    check_secagg(plain, runtime.name)  # SecAgg+: what its legacy-API app pair cannot run
+    return runtime
 
 
 def partition_spec(cfg: DictConfig) -> PartitionSpec:

@@ -20,8 +20,8 @@ def _options(group: str) -> list[str]:
 
 def test_the_config_groups_are_the_documented_ones():
     assert GROUPS == [
-        "client", "data", "experiment", "model", "partition", "privacy", "runtime", "strategy",
-        "system", "tracking",
+        "client", "data", "experiment", "model", "partition", "privacy", "runtime", "secagg",
+        "strategy", "system", "tracking",
     ]  # fmt: skip
     assert len(_options("strategy")) == 14  # Flower's 12, SCAFFOLD and FedNova
 
@@ -81,3 +81,10 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
         assert type(base_strategy(strategy)).__name__ == "FedAvg"
         check_strategy(plain)
         check_privacy(plain)
+    elif group == "secagg":
+        from fedvision.fl.secagg import SECAGG_APPS, build_workflow, check_secagg, flower_apps
+
+        check_secagg(plain, "simulation")  # the default settings pass with 10 clients
+        assert (flower_apps(plain) == SECAGG_APPS) == (option != "none")
+        if option != "none":
+            build_workflow(plain["secagg"], max_weight=100.0, timeout=None)

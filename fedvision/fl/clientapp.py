@@ -184,7 +184,16 @@ def _load_global(
 
     Returns the model, its parts, and whether its BatchNorm started from the base this time.
     """
-    cfg = msg.content[C.KEY_CONFIG]
+    return load_global(msg.content[C.KEY_CONFIG], msg.content[C.KEY_ARRAYS], node, context)
+
+
+def load_global(
+    cfg: Mapping[str, Any], arrays: ArrayRecord, node: Mapping[str, Any], context: Context
+) -> tuple[torch.nn.Module, ModelParts, bool]:
+    """The model of a round config ``cfg`` and packed ``arrays`` (also for the SecAgg+ client).
+
+    Returns the model, its parts, and whether its BatchNorm started from the base this time.
+    """
     device = resolve_device(str(node.get(C.NODE_DEVICE, "auto")))
     key = (
         str(cfg["model-name"]),
@@ -197,9 +206,7 @@ def _load_global(
     parts = _parts(*key, bool(cfg.get(C.KEY_LOCAL_BN, False)))
     full = model.state_dict()
     try:
-        received = unpack(
-            msg.content[C.KEY_ARRAYS], {k: tuple(full[k].shape) for k in parts.shared}
-        )
+        received = unpack(arrays, {k: tuple(full[k].shape) for k in parts.shared})
     except FedvisionError as exc:
         raise FedvisionError(
             f"{exc} (this client's {key[0]}, finetune={key[2]}, last_k={key[3]}, shares "

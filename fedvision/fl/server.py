@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -326,10 +326,15 @@ def selection_key(cfg: Mapping[str, Any], plan: RunPlan) -> str | None:
     return None
 
 
-def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
+RoundLoop = Callable[[Grid, Path, dict[str, Any], float], dict[str, Any]]
+
+
+def serve(grid: Grid, run_dir: Path, loop: RoundLoop | None = None) -> dict[str, Any]:
     """Run a prepared run directory's rounds on ``grid``; write its results there.
 
     Writes ``status.json`` (finished, or failed with the one-line reason) whatever happens.
+    ``loop`` (grid, run directory, config, start time) -> summary runs the rounds; the default
+    is this module's loop, the SecAgg+ app passes its own (``fedvision.fl.secagg``).
     """
     started = time.time()
     flwr_logger = logging.getLogger("flwr")
@@ -339,7 +344,7 @@ def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
         if not cfg.get("verbose", False):
             # Flower's per-round INFO lines would break the progress line; warnings still show.
             flwr_logger.setLevel(logging.WARNING)
-        summary = _serve(grid, run_dir, cfg, started)
+        summary = (loop or _serve)(grid, run_dir, cfg, started)
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         write_status(

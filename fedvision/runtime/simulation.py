@@ -154,8 +154,12 @@ class SimulationRuntime:
         from flwr.supercore.task_identity import TaskIdentity
         from flwr.supercore.telemetry import EventType
 
-        from fedvision.fl.clientapp import app as client_app
-        from fedvision.fl.serverapp import app as server_app
+        from fedvision.fl.secagg import flower_apps, load_app
+        from fedvision.rundir import load_run_config
+
+        # The run's config picks the app pair (secagg=secaggplus has its own, Flower's legacy API).
+        server_ref, client_ref = flower_apps(load_run_config(run_dir))
+        server_app, client_app = load_app(server_ref), load_app(client_ref)
 
         run = Run.create_empty(run_id=secrets.randbits(63))
         run.override_config = {C.RUN_DIR_KEY: str(run_dir.resolve())}
