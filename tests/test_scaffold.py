@@ -280,7 +280,7 @@ def test_two_rounds_follow_option_ii_and_c_i_persists_in_the_context(dataset, tm
 
     m, reply, _ = next(s for s in r2 if s[0].metadata.dst_node_id == 1000)
     ctx = grid.contexts[1000]
-    cache, train_idx, _ = clientapp._indices(clientapp.node_settings(ctx))
+    cache, train_idx, _ = clientapp.client_indices(clientapp.node_settings(ctx))
     cfg = to_train_config(m.content[C.KEY_CONFIG], 0)
     initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
     layout = {k: tuple(initial[k].shape) for k in shared}

@@ -442,7 +442,7 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(
         node = m.metadata.dst_node_id
         assert all(int(first[node][k]) == 1 and int(own[k]) == 2 for k in counters)
         ctx = grid.contexts[node]
-        cache, train_idx, _ = clientapp._indices(clientapp.node_settings(ctx))
+        cache, train_idx, _ = clientapp.client_indices(clientapp.node_settings(ctx))
         cfg = to_train_config(m.content[C.KEY_CONFIG], int(ctx.node_config[C.KEY_PARTITION_ID]))
         for start, should_match in ((first[node], True), (initial, False)):
             replica = build_model("resnet18", 2, finetune=finetune, last_k=1)

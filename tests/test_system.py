@@ -326,7 +326,7 @@ def test_partial_work_sends_each_client_its_step_budget(dataset, tmp_path):
     record = read_metrics(run_dir)[1]
     assert record["num_clients"] == 2 and "dropped" not in record
     # Partition 1 holds 10 training images: its 3 steps are one epoch, batches 4 + 4 + 2.
-    _, train_idx, _ = clientapp._indices(clientapp.node_settings(grid.contexts[1001]))
+    _, train_idx, _ = clientapp.client_indices(clientapp.node_settings(grid.contexts[1001]))
     assert len(train_idx) == 10
     # Partition 0: 2 steps x 4 = 8 samples / 8 = 1 s; partition 1: 10 / 16 = 0.625 s.
     assert [c["samples"] for c in record["sim_clients"]] == [8, 10]

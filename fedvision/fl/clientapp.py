@@ -128,7 +128,8 @@ def node_settings(context: Context) -> dict[str, Any]:
     return node
 
 
-def _indices(node: Mapping[str, Any]) -> tuple[DecodedCache, np.ndarray, np.ndarray]:
+def client_indices(node: Mapping[str, Any]) -> tuple[DecodedCache, np.ndarray, np.ndarray]:
+    """This client's decoded cache and its train and validation indices (cached per worker)."""
     cache = _open_cache(str(node[C.NODE_CACHE_DIR]))
     part = _open_partition(str(node[C.NODE_PARTITION_FILE]))
     # A real client's own data is a one-client file (partition-index 0), whatever its id.
@@ -229,7 +230,7 @@ def load_global(
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this client's partition; reply with weights and metrics."""
     node = node_settings(context)
-    cache, train_idx, _ = _indices(node)
+    cache, train_idx, _ = client_indices(node)
     model, parts, new_bn = _load_global(msg, node, context)
     record = msg.content[C.KEY_CONFIG]
     cfg = to_train_config(record, int(node[C.KEY_PARTITION_ID]))
@@ -294,7 +295,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the global model (under FedBN: with this client's BatchNorm) on local validation."""
     node = node_settings(context)
-    cache, _, val_idx = _indices(node)
+    cache, _, val_idx = client_indices(node)
     model, _, _ = _load_global(msg, node, context)
     device = next(model.parameters()).device
     res = evaluate(model, cache.images, cache.labels, val_idx, device=device)
@@ -316,7 +317,7 @@ def query(msg: Message, context: Context) -> Message:
     # random, partition ids are not, so the server samples by partition id reproducibly) and
     # proves the node's data opens before any round starts.
     node = node_settings(context)
-    _, train_idx, val_idx = _indices(node)
+    _, train_idx, val_idx = client_indices(node)
     metrics = MetricRecord(
         {
             C.KEY_PARTITION_ID: int(node[C.KEY_PARTITION_ID]),

@@ -39,7 +39,7 @@ from fedvision.fl.checkpoint import Checkpoint, rng_state, save_checkpoint
 from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset
 from fedvision.fl.privacy import client_level_mode
 from fedvision.fl.round_config import lr_horizon, train_config
-from fedvision.fl.server import CentralEvaluator, _link_or_copy, selection_key
+from fedvision.fl.server import CentralEvaluator, link_or_copy, selection_key
 from fedvision.report.metrics import RunRecorder
 from fedvision.report.tracking import build_tracker
 from fedvision.rundir import RunPlan, read_plan
@@ -286,7 +286,7 @@ class SecAggRounds:
                     self.run_dir / C.CKPT_BEST, self._checkpoint(0, best_round, best_value)
                 )
             else:
-                _link_or_copy(latest, self.run_dir / C.CKPT_BEST)
+                link_or_copy(latest, self.run_dir / C.CKPT_BEST)
         if server_round > 0:
             self.bar.update(1)
         self.t0 = time.perf_counter()

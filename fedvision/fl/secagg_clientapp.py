@@ -20,7 +20,7 @@ from flwr.common import NDArrays, Scalar
 from fedvision import constants as C
 from fedvision.engine import evaluate, train_local
 from fedvision.fl.arrays import float32_arrays, pack
-from fedvision.fl.clientapp import _indices, load_global, node_settings
+from fedvision.fl.clientapp import client_indices, load_global, node_settings
 from fedvision.fl.round_config import to_train_config
 
 
@@ -46,7 +46,7 @@ class SecAggClient(NumPyClient):
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Train on this client's partition; return the update, its example count, metrics."""
         node, model, parts = self._model(parameters, config)
-        cache, train_idx, _ = _indices(node)
+        cache, train_idx, _ = client_indices(node)
         pid = int(node[C.KEY_PARTITION_ID])
         device = next(model.parameters()).device
         result = train_local(
@@ -72,7 +72,7 @@ class SecAggClient(NumPyClient):
     ) -> tuple[float, int, dict[str, Scalar]]:
         """Evaluate the received global model on this client's local validation part."""
         node, model, _ = self._model(parameters, config)
-        cache, _, val_idx = _indices(node)
+        cache, _, val_idx = client_indices(node)
         res = evaluate(
             model, cache.images, cache.labels, val_idx, device=next(model.parameters()).device
         )

@@ -300,7 +300,8 @@ def _first_error(replies: Iterable[Message]) -> str:
     return "no reply within the timeout"
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` atomically: a hard link where the file system allows, else a copy."""
     # The best checkpoint is the latest one of its round: a hard link costs no second write.
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -551,7 +552,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         recorder.append(record)
         os.replace(tmp, latest)
         if best_round == rnd:
-            _link_or_copy(latest, run_dir / C.CKPT_BEST)
+            link_or_copy(latest, run_dir / C.CKPT_BEST)
         bar.set_postfix(
             val=_fmt(record.get(select_on or "")), test=_fmt(record.get("test_accuracy")),
             refresh=False,
