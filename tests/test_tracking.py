@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
-from fedvision.report.metrics import RunRecorder
+from fedvision.report.metrics import RunRecorder, read_metrics
 from fedvision.report.tracking import TensorBoardTracker, build_tracker, check_tracking, scalars
 
 
@@ -112,7 +112,7 @@ def test_the_wandb_tracker_runs_offline_named_by_directory_and_grouped_by_sweep(
     assert log == ("log", {"test_accuracy": 0.5}, 2) and finish == ("finish",)
 
 
-def test_the_mlflow_tracker_logs_params_and_metrics_to_a_file_store(tmp_path, monkeypatch):
+def test_the_mlflow_tracker_logs_params_and_metrics_to_a_sweep_database(tmp_path, monkeypatch):
     import types
 
     calls = []
@@ -131,7 +131,9 @@ def test_the_mlflow_tracker_logs_params_and_metrics_to_a_file_store(tmp_path, mo
     tracker = build_tracker(cfg, run_dir)
     tracker.log({"round": 1, "val_accuracy": 0.25}, 1)
     tracker.close()
-    assert calls[0] == ("uri", (tmp_path / "sweep" / "mlruns").resolve().as_uri())
+    # MLflow 3 refuses the old ./mlruns file store: a SQLite file per sweep, absolute path.
+    assert calls[0] == ("uri", f"sqlite:///{(tmp_path / 'sweep' / 'mlflow.db').resolve()}")
+    assert calls[0][1].startswith("sqlite:////")
     assert calls[1] == ("experiment", "fv")
     assert calls[2] == ("start", {"run_name": "0", "tags": {"sweep": "sweep"}})
     assert calls[3][0] == "params" and calls[3][1]["seed"] == "0"
@@ -162,3 +164,55 @@ def test_a_prepared_sweep_is_no_failure_and_a_cut_short_run_is(tmp_path):
     assert exited.value.code == 1
     jobs = json.loads((sweep / C.SWEEP_SUMMARY).read_text())["jobs"]
     assert jobs[2]["status"] == "unfinished"
+
+
+def test_the_real_mlflow_records_every_round_where_the_ui_reads(tmp_path):
+    # Skipped where MLflow is not installed (CI); run by hand with `pip install mlflow-skinny`.
+    mlflow = pytest.importorskip("mlflow")
+    run_dir = tmp_path / "sweep" / "1"
+    run_dir.mkdir(parents=True)
+    cfg = {"seed": 1, "partition": {"alpha": 0.1}, "tracking": {"kind": "mlflow", "uri": None,
+           "experiment": "fv"}}  # fmt: skip
+    recorder = RunRecorder(run_dir, select_on=None, tracker=build_tracker(cfg, run_dir))
+    for rnd, acc in ((0, 0.1), (1, 0.3), (2, 0.45)):
+        recorder.append({"round": rnd, "test_accuracy": acc, "test_loss": 1.0, "clients": [0]})
+    summary = recorder.finish(num_rounds=2, wall_s=1.0)
+    assert "tracking_error" not in summary
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'sweep' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fv").experiment_id])
+    assert run.info.run_name == "1" and run.data.tags["sweep"] == "sweep"
+    assert run.data.params["partition.alpha"] == "0.1"
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [(m.step, m.value) for m in history] == [(0, 0.1), (1, 0.3), (2, 0.45)]
+
+
+class _BrokenTracker:
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.logged = fail_at, []
+
+    def log(self, record, step):
+        if step == self.fail_at:
+            raise OSError("database is locked")
+        self.logged.append(step)
+
+    def close(self):
+        raise AssertionError("a switched-off tracker is not closed")
+
+
+def test_a_tracker_that_fails_mid_run_is_switched_off_and_the_run_goes_on(tmp_path, capsys):
+    tracker = _BrokenTracker(fail_at=1)
+    recorder = RunRecorder(tmp_path, select_on="val_accuracy", tracker=tracker)
+    for rnd in range(3):
+        recorder.append(
+            {"round": rnd, "val_accuracy": 0.1 * rnd, "test_accuracy": 0.2 * rnd, "test_loss": 1.0}
+        )
+    summary = recorder.finish(num_rounds=2, wall_s=1.0)
+    assert tracker.logged == [0]  # round 1 failed; round 2 was not sent to it any more
+    assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1, 2]  # nothing lost
+    assert summary["test_accuracy_final"] == pytest.approx(0.4)
+    assert summary["tracking_error"] == "OSError: database is locked"
+    assert json.loads((tmp_path / C.RUN_SUMMARY).read_text())["tracking_error"].startswith(
+        "OSError"
+    )
+    err = capsys.readouterr().err
+    assert err.count("experiment tracker failed (OSError: database is locked)") == 1

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedvision import constants as C
@@ -48,6 +49,7 @@ class RunRecorder:
         self.run_dir = run_dir
         self.select_on = select_on
         self.tracker = tracker or NoTracker()
+        self.tracker_error: str | None = None  # why the tracker was switched off, if it was
         self.records: list[dict] = list(history)
         self.path = run_dir / C.RUN_METRICS
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
@@ -73,7 +75,22 @@ class RunRecorder:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
-        self.tracker.log(record, int(record["round"]))
+        self._mirror(lambda: self.tracker.log(record, int(record["round"])))
+
+    def _mirror(self, call: Callable[[], None]) -> None:
+        # A tracker is a mirror of metrics.jsonl: if it fails (a full disk, a locked database, a
+        # lost connection), say so once and go on without it rather than lose the run.
+        try:
+            call()
+        except Exception as exc:  # any tracker error, from any library
+            print(
+                f"fedvision: warning: the experiment tracker failed ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                "metrics.jsonl goes on, the tracker is switched off for this run",
+                file=sys.stderr,
+            )
+            self.tracker = NoTracker()
+            self.tracker_error = f"{type(exc).__name__}: {exc}"
 
     def finish(self, *, num_rounds: int, wall_s: float, extra: dict | None = None) -> dict:
         """Write ``summary.json`` and ``curves.png``; return the summary.
@@ -97,7 +114,9 @@ class RunRecorder:
             "bytes_up": sum(r.get("bytes_up", 0) for r in self.records),
             **(extra or {}),
         }
+        self._mirror(self.tracker.close)
+        if self.tracker_error is not None:
+            summary["tracking_error"] = self.tracker_error
         write_json_atomic(self.run_dir / C.RUN_SUMMARY, summary)
         plot_curves(self.records, self.run_dir / C.RUN_CURVES, title=str(self.run_dir.name))
-        self.tracker.close()
         return summary

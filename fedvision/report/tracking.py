@@ -4,7 +4,8 @@
 it. The ``tracking`` config group picks one: ``tensorboard`` (the default: event files in
 ``<run>/tensorboard``, through ``torch.utils.tensorboard``), ``wandb`` or ``mlflow`` (optional
 dependencies, offline by default), or ``none``. A run is named after its directory and tagged
-with its sweep (the parent directory), so a sweep's runs sit side by side in each tool.
+with its sweep (the parent directory), so a sweep's runs sit side by side in each tool. A tracker
+that fails during a run is switched off with one warning; the run and ``metrics.jsonl`` go on.
 """
 
 from __future__ import annotations
@@ -113,7 +114,11 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    """MLflow, into a local file store (``<sweep dir>/mlruns``) unless ``uri`` names a server."""
+    """MLflow, into a local SQLite store (``<sweep dir>/mlflow.db``) unless ``uri`` names one.
+
+    MLflow 3 refuses its old file store (``./mlruns``) unless told otherwise, so the default is
+    the database backend it asks for; one file per sweep keeps the sweep's runs side by side.
+    """
 
     def __init__(
         self, run_dir: Path, cfg: Mapping[str, Any], uri: str | None = None,
@@ -121,7 +126,7 @@ class MlflowTracker:
     ) -> None:  # fmt: skip
         mlflow = _require("mlflow", "mlflow")
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(uri or (run_dir.parent / "mlruns").resolve().as_uri())
+        mlflow.set_tracking_uri(uri or default_mlflow_uri(run_dir))
         mlflow.set_experiment(experiment)
         self.run = mlflow.start_run(run_name=run_dir.name, tags={"sweep": run_dir.parent.name})
         params = flat_config(cfg)
@@ -137,6 +142,11 @@ class MlflowTracker:
     def close(self) -> None:
         """End the MLflow run."""
         self.mlflow.end_run()
+
+
+def default_mlflow_uri(run_dir: Path) -> str:
+    """``sqlite:////abs/<sweep dir>/mlflow.db``: MLflow's local database store for the sweep."""
+    return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
 
 
 def _run_id(run_dir: Path) -> str:
