@@ -106,6 +106,10 @@ def test_group_names_skip_absent_keys_and_name_targets_by_class():
         "privacy.wrapper=DifferentialPrivacyServerSide",
         "privacy.wrapper=none",
     ]
+    dpsgd = {"privacy.dpsgd.noise_multiplier": 3, "privacy.wrapper": None}
+    no_dpsgd = {"privacy.dpsgd": None, "privacy.wrapper": None}
+    names = [name for name, _ in group_runs([run(0, **dpsgd), run(0, **no_dpsgd)])]
+    assert names == ["privacy.dpsgd.noise_multiplier=3", "privacy.dpsgd=none"]
 
 
 def _with_partition(path, tv, fingerprint):

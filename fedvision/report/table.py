@@ -133,8 +133,18 @@ def _grouping(run: Run, by: Sequence[str] | None) -> dict[str, Any]:
     }
 
 
-def _class_name(target: str | None) -> str:
-    return "none" if target is None else str(target).rsplit(".", 1)[-1]
+def _class_name(target: str) -> str:
+    return str(target).rsplit(".", 1)[-1]
+
+
+def _null_parent(settings: dict[str, Any], key: str) -> str | None:
+    """The part of the config above ``key`` that these settings hold as null, if any."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:i])
+        if parent in settings:
+            return parent if settings[parent] is None else None
+    return None
 
 
 def group_runs(runs: Sequence[Run], by: Sequence[str] | None = None) -> list[tuple[str, list[Run]]]:
@@ -154,16 +164,17 @@ def group_runs(runs: Sequence[Run], by: Sequence[str] | None = None) -> list[tup
     named = []
     for members in groups.values():
         s = _grouping(members[0], by)
-        # A key this group lacks (FedAvg has no proximal_mu) says nothing, except a `_target_`
-        # other groups have: then this group has none of that part (privacy.wrapper=none). A
-        # `_target_` is named by its class (strategy=FedProx), the way a reader knows it.
-        parts = [
-            f"{k.removesuffix('._target_')}={_class_name(s.get(k))}"
-            if k.endswith("._target_")
-            else f"{k}={s[k]}"
-            for k in varying
-            if s.get(k) is not None or k.endswith("._target_")
-        ]
+        # A `_target_` is named by its class (strategy=FedProx), the way a reader knows it. A key
+        # this group lacks (FedAvg has no proximal_mu) says nothing, unless the group set that
+        # part of the config to null where others fill it: then it has none of it
+        # (privacy.wrapper=none, privacy.dpsgd=none).
+        parts: list[str] = []
+        for k in varying:
+            if s.get(k) is not None:
+                name = k.removesuffix("._target_")
+                parts.append(f"{name}={_class_name(s[k]) if name != k else s[k]}")
+            elif (parent := _null_parent(s, k)) is not None and f"{parent}=none" not in parts:
+                parts.append(f"{parent}=none")
         named.append((", ".join(parts) or "all runs", members))
     return sorted(named)
 
