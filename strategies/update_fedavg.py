@@ -5,14 +5,21 @@ be small and centred on zero: an update ``new weights - global weights`` (McMaha
 average updates; the mean update added to the global model is FedAvg's mean of the weights)
 rather than the weights themselves, whose BatchNorm variances and counters would need a wide
 clipping range and so a coarse quantisation step.
+
+With a ``seed``, a round's clients are drawn as ``strategies.sampling.SeededSampling`` draws them
+on the Message API: by partition id, seeded by ``(seed, round)``, so round r trains the same
+partitions in every run. Flower's legacy client manager would pick at random among node ids that
+are random themselves. Each node is asked its partition id once (a legacy ``get_properties``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from flwr.common import (
+    Code,
     FitIns,
     FitRes,
+    GetPropertiesIns,
     MetricsAggregationFn,
     NDArrays,
     Parameters,
@@ -23,6 +30,10 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
+
+from fedvision import constants as C
+from fedvision.errors import FedvisionError
+from strategies.sampling import draw_partitions
 
 
 class FedAvgOfUpdates(FedAvg):
@@ -35,17 +46,57 @@ class FedAvgOfUpdates(FedAvg):
     """
 
     def __init__(
-        self, *, fit_metrics_aggregation_fn: MetricsAggregationFn | None = None, **kwargs: object
+        self,
+        *,
+        seed: int | None = None,
+        query_timeout_s: float = 120.0,
+        fit_metrics_aggregation_fn: MetricsAggregationFn | None = None,
+        **kwargs: object,
     ) -> None:
         super().__init__(fit_metrics_aggregation_fn=fit_metrics_aggregation_fn, **kwargs)  # type: ignore[arg-type]
         self._global: NDArrays | None = None  # the model the current round's clients started from
+        self.seed = seed  # None: Flower's own (unseeded) sampling
+        self.query_timeout_s = float(query_timeout_s)
+        self.partition_of: dict[str, int] = {}  # node (cid) -> the partition it said it holds
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Remember the global model this round starts from, then sample as FedAvg does."""
+        """Remember the global model this round starts from, then choose the round's clients."""
         self._global = parameters_to_ndarrays(parameters)
-        return super().configure_fit(server_round, parameters, client_manager)
+        if self.seed is None:
+            return super().configure_fit(server_round, parameters, client_manager)
+        config = self.on_fit_config_fn(server_round) if self.on_fit_config_fn is not None else {}
+        # Wait for every expected node first: Flower sizes the sample on the nodes connected
+        # so far, which in round 1 can be fewer than will be there.
+        _, min_available = self.num_fit_clients(client_manager.num_available())
+        client_manager.wait_for(min_available)
+        size, _ = self.num_fit_clients(client_manager.num_available())
+        nodes = client_manager.all()
+        pids = {cid: self._partition(proxy, server_round) for cid, proxy in nodes.items()}
+        chosen = set(draw_partitions(pids.values(), size, int(self.seed), server_round))
+        fit_ins = FitIns(parameters, config)
+        return [(nodes[cid], fit_ins) for cid in sorted(nodes, key=pids.get) if pids[cid] in chosen]
+
+    def _partition(self, proxy: ClientProxy, server_round: int) -> int:
+        """The partition id a node holds, asked once (node ids change only on reconnect)."""
+        if proxy.cid not in self.partition_of:
+            res = proxy.get_properties(
+                GetPropertiesIns(config={}), timeout=self.query_timeout_s, group_id=server_round
+            )
+            if res.status.code != Code.OK or C.KEY_PARTITION_ID not in res.properties:
+                raise FedvisionError(
+                    f"SecAgg+: node {proxy.cid} did not say which partition it holds "
+                    f"({res.status.message or 'no partition id'}): not a fedvision SecAgg+ client"
+                )
+            pid = int(res.properties[C.KEY_PARTITION_ID])
+            holder = next((c for c, p in self.partition_of.items() if p == pid), None)
+            if holder is not None:
+                raise FedvisionError(
+                    f"SecAgg+: nodes {holder} and {proxy.cid} both hold partition {pid}"
+                )
+            self.partition_of[proxy.cid] = pid
+        return self.partition_of[proxy.cid]
 
     def aggregate_fit(
         self,

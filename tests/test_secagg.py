@@ -44,6 +44,7 @@ from fedvision.fl.server import serve
 from fedvision.report.metrics import read_metrics
 from fedvision.rundir import read_plan
 from fedvision.runner import check_config, run_experiment
+from strategies.sampling import draw_partitions
 from strategies.update_fedavg import FedAvgOfUpdates
 
 SETTINGS = {
@@ -210,6 +211,73 @@ def test_the_server_never_receives_an_individual_update_only_masked_vectors():
     # ... and the workflow unmasks it to the mean (equal weights here).
     bound = quantisation_bound(c, q, [1.0, 1.0, 1.0], max(np.abs(u).max() for u in updates))
     assert np.abs(aggregate - np.mean(updates, axis=0)).max() <= bound
+
+
+class PartitionedUpdate(FixedUpdate):
+    """A FixedUpdate client that says which partition it holds, as the real one does."""
+
+    def __init__(self, update: np.ndarray, n: int, pid: int) -> None:
+        super().__init__(update, n)
+        self.pid = pid
+
+    def get_properties(self, config):
+        return {C.KEY_PARTITION_ID: self.pid}
+
+
+def partitioned_client_fn(update: np.ndarray, pid: int):
+    """A ``client_fn`` (Flower inspects its signature) for a PartitionedUpdate client."""
+
+    def client_fn(context: Context):
+        return PartitionedUpdate(update, 10, pid).to_client()
+
+    return client_fn
+
+
+def seeded_rounds(seed: int, num_rounds: int = 2):
+    """Six clients (partition id = 16 - node), three per round, sampled with ``seed``."""
+    updates = {node: np.full(8, 0.01 * node) for node in range(11, 17)}
+    apps = {}
+    for node, u in updates.items():
+        apps[node] = ClientApp(client_fn=partitioned_client_fn(u, 16 - node), mods=[secaggplus_mod])
+    grid = LoopbackGrid(apps)
+    strategy = FedAvgOfUpdates(
+        seed=seed, fraction_fit=0.5, fraction_evaluate=0.0, min_fit_clients=2,
+        min_evaluate_clients=0, min_available_clients=6,
+        initial_parameters=ndarrays_to_parameters([np.zeros(8)]),
+    )  # fmt: skip
+    context = LegacyContext(
+        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=num_rounds),
+        strategy=strategy,
+    )
+    DefaultWorkflow(fit_workflow=build_workflow(SETTINGS, 10, None))(grid, context)
+    uploaded: dict[int, set[int]] = {}  # round -> partitions whose masked vector arrived
+    for reply in grid.received:
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None and Key.MASKED_PARAMETERS in configs:
+            rnd = int(reply.metadata.group_id)
+            uploaded.setdefault(rnd, set()).add(16 - reply.metadata.src_node_id)
+    return uploaded, strategy, context
+
+
+def test_a_seed_draws_the_same_partitions_every_run_as_the_message_api_does():
+    expected = {
+        seed: {rnd: set(draw_partitions(range(6), 3, seed, rnd)) for rnd in (1, 2)}
+        for seed in (0, 1)
+    }
+    assert expected[0] != expected[1]  # the two seeds must differ for the test to mean anything
+    for seed in (0, 1):
+        uploaded, strategy, context = seeded_rounds(seed)
+        assert uploaded == expected[seed]
+        # Each node was asked its partition once, whatever the number of rounds.
+        assert sorted(strategy.partition_of.values()) == list(range(6))
+    # Round 2's aggregate is the mean update of round 2's three clients (node = 16 - pid),
+    # added to round 1's: the weights (equal here) and the chosen clients both line up.
+    uploaded, _, context = seeded_rounds(0)
+    record = context.state.array_records[MAIN_PARAMS_RECORD]
+    final = next(iter(record.values())).numpy()
+    means = [np.mean([0.01 * (16 - p) for p in uploaded[r]]) for r in (1, 2)]
+    np.testing.assert_allclose(final, sum(means), atol=1e-5)
 
 
 def test_clipped_values_counts_what_the_mod_will_clip():

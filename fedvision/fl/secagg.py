@@ -319,6 +319,8 @@ def serve_secagg(
     rounds = SecAggRounds(cfg, run_dir, plan)
     scfg, n = cfg["strategy"], int(cfg["num_clients"])
     strategy = FedAvgOfUpdates(
+        seed=int(cfg["seed"]),  # round r trains the same partitions in every run
+        query_timeout_s=float(cfg["runtime"].get("connect_timeout_s", 120)),
         fraction_fit=float(scfg.get("fraction_train", 1.0)),
         fraction_evaluate=0.0,
         min_fit_clients=max(2, int(scfg.get("min_train_nodes", 2))),

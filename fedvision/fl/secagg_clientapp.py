@@ -41,6 +41,10 @@ class SecAggClient(NumPyClient):
         model, parts, _ = load_global(config, received, node, self.node_context)
         return node, model, parts
 
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """Say which partition this node holds: the server samples by partition id, seeded."""
+        return {C.KEY_PARTITION_ID: int(node_settings(self.node_context)[C.KEY_PARTITION_ID])}
+
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
