@@ -49,7 +49,7 @@ class FedAvgOfUpdates(FedAvg):
         self,
         *,
         seed: int | None = None,
-        query_timeout_s: float = 120.0,
+        query_timeout_s: float = 120.0,  # for every node to connect, and for each to answer
         fit_metrics_aggregation_fn: MetricsAggregationFn | None = None,
         **kwargs: object,
     ) -> None:
@@ -70,7 +70,11 @@ class FedAvgOfUpdates(FedAvg):
         # Wait for every expected node first: Flower sizes the sample on the nodes connected
         # so far, which in round 1 can be fewer than will be there.
         _, min_available = self.num_fit_clients(client_manager.num_available())
-        client_manager.wait_for(min_available)
+        if not client_manager.wait_for(min_available, timeout=int(self.query_timeout_s)):
+            raise FedvisionError(
+                f"SecAgg+ round {server_round}: only {client_manager.num_available()} of "
+                f"{min_available} clients connected within {self.query_timeout_s:.0f} s"
+            )
         size, _ = self.num_fit_clients(client_manager.num_available())
         nodes = client_manager.all()
         pids = {cid: self._partition(proxy, server_round) for cid, proxy in nodes.items()}

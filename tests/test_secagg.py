@@ -280,6 +280,23 @@ def test_a_seed_draws_the_same_partitions_every_run_as_the_message_api_does():
     np.testing.assert_allclose(final, sum(means), atol=1e-5)
 
 
+def test_seeded_sampling_waits_a_bounded_time_for_the_clients_then_says_why():
+    class TwoOfSix:  # a client manager that never sees more than two nodes
+        def num_available(self):
+            return 2
+
+        def wait_for(self, num_clients, timeout):
+            assert (num_clients, timeout) == (6, 5)
+            return False
+
+    strategy = FedAvgOfUpdates(
+        seed=0, query_timeout_s=5, fraction_fit=0.5, min_available_clients=6,
+        initial_parameters=ndarrays_to_parameters([np.zeros(2)]),
+    )  # fmt: skip
+    with pytest.raises(FedvisionError, match="only 2 of 6 clients connected within 5 s"):
+        strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(2)]), TwoOfSix())
+
+
 def test_clipped_values_counts_what_the_mod_will_clip():
     update = np.array([0.5, -2.0, 3.0, 0.1])
     assert clipped_values(update, weight=10, max_weight=10, clipping=1.0) == 2
