@@ -22,7 +22,8 @@ from flwr.app import Array, ArrayRecord, Context, Message
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
-from fedvision.models import ModelParts, build_model
+from fedvision.fl.parts import run_model
+from fedvision.models import ModelParts
 from strategies.fednova import momentum_steps
 
 
@@ -38,14 +39,7 @@ def parameter_mask(model: torch.nn.Module, keys: tuple[str, ...] | list[str]) ->
 
 def server_parameter_mask(cfg: Mapping[str, Any], num_classes: int, keys: list[str]) -> np.ndarray:
     """:func:`parameter_mask` of the run's model (what the server hands FedNova)."""
-    model = cfg["model"]
-    net = build_model(
-        str(model["name"]),
-        num_classes,
-        finetune=str(model.get("finetune", "full")),
-        last_k=int(model.get("last_k", 1)),
-    )
-    return parameter_mask(net, keys)
+    return parameter_mask(run_model(cfg, num_classes), keys)
 
 
 def _flat(record: ArrayRecord, what: str, size: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord
+from torch import nn
 
 from fedvision.errors import FedvisionError
 from fedvision.models import ModelParts, batchnorm_keys, build_model, fingerprint, split_parts
@@ -23,16 +24,20 @@ def local_bn(cfg: Mapping[str, Any]) -> bool:
     return bool(cfg["client"].get("local_bn", False))
 
 
-def run_parts(cfg: Mapping[str, Any], num_classes: int) -> ModelParts:
-    """The split of the run's model (architecture, fine-tune mode, FedBN) into message parts."""
+def run_model(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The run's model as configured (architecture, fine-tune mode), with fresh weights."""
     model = cfg["model"]
-    net = build_model(
+    return build_model(
         str(model["name"]),
         num_classes,
         finetune=str(model.get("finetune", "full")),
         last_k=int(model.get("last_k", 1)),
     )
-    return split_parts(net, local_bn=local_bn(cfg))
+
+
+def run_parts(cfg: Mapping[str, Any], num_classes: int) -> ModelParts:
+    """The split of the run's model (architecture, fine-tune mode, FedBN) into message parts."""
+    return split_parts(run_model(cfg, num_classes), local_bn=local_bn(cfg))
 
 
 def subset(arrays: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:

@@ -37,13 +37,12 @@ from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import float32_arrays, layout_of, pack, unpack
 from fedvision.fl.checkpoint import Checkpoint, rng_state, save_checkpoint
 from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset
-from fedvision.fl.privacy import client_level_mode
+from fedvision.fl.privacy import client_level_mode, num_sampled_clients
 from fedvision.fl.round_config import lr_horizon, train_config
 from fedvision.fl.server import CentralEvaluator, link_or_copy, selection_key
 from fedvision.report.metrics import RunRecorder
 from fedvision.report.tracking import build_tracker
 from fedvision.rundir import RunPlan, read_plan
-from strategies.sampling import sample_size
 from strategies.update_fedavg import FedAvgOfUpdates
 
 DEFAULT_APPS = ("fedvision.fl.serverapp:app", "fedvision.fl.clientapp:app")
@@ -74,16 +73,6 @@ def load_app(ref: str) -> Any:
     """The object a ``module:attr`` reference names (how a SuperLink loads apps, too)."""
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
-
-
-def clients_per_round(cfg: Mapping[str, Any]) -> int:
-    """How many clients a round trains, by Flower's rule over ``num_clients``."""
-    s = cfg["strategy"]
-    return sample_size(
-        int(cfg["num_clients"]),
-        float(s.get("fraction_train", 1.0)),
-        int(s.get("min_train_nodes", 0)),
-    )
 
 
 def build_workflow(
@@ -151,7 +140,7 @@ def check_secagg(cfg: Mapping[str, Any], runtime: str | None = None) -> None:
     for refused, reason in refusals:
         if refused:
             raise FedvisionError(reason)
-    m = clients_per_round(cfg)
+    m = num_sampled_clients(cfg)
     if m < 2:
         raise FedvisionError(
             f"secagg=secaggplus needs at least 2 clients per round (this config trains {m}): "

@@ -334,10 +334,14 @@ def plot_groups(runs: Sequence[Run], path: Path, group_by: Sequence[str] | None 
         ax.plot(rounds, mean, marker="o", linestyle=style, label=f"{name} (n={len(acc)})")
         ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
     ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="mean ± std over seeds")
+    return _save(fig, ax, path)
+
+
+def _save(fig: Any, ax: Any, path: Path, legend_y: float = -0.12) -> Path:
+    """Grid, the legend below the axes (group names are long, a sweep has many), PNG, close."""
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        # Below the axes: group names are long, and a sweep has many of them.
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, legend_y))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -390,13 +394,7 @@ def plot_sim_time(
         xlabel="simulated time (s)", ylabel="test accuracy", ylim=(0, 1),
         title="mean ± std over seeds, against simulated time (not wall time)",
     )  # fmt: skip
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_privacy(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
@@ -428,12 +426,7 @@ def plot_privacy(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
         ylabel="test accuracy at best val. round", ylim=(0, 1),
         title="privacy against accuracy: mean ± std over seeds",
     )  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_y=-0.15)
 
 
 def write_report(
