@@ -75,6 +75,7 @@ TARGET_CLASSES = "target_classes.txt"  # built-in: classes for federated fine-tu
 # --- partial messages and FedBN (appended; see fedvision/fl/parts.py) ---------------------------
 KEY_LOCAL_BN = "local-bn"  # round config: FedBN, BatchNorm layers stay with each client
 KEY_BASE_FINGERPRINT = "base-fingerprint"  # round config: sha256 of the entries never sent
+KEY_BN_STATS = "bn-stats"  # train/evaluate message and train reply: packed BatchNorm statistics
 KEY_NEW_BN = "new-bn"  # train reply metric: 1 when this client's BatchNorm started from the base
 NODE_INITIAL_WEIGHTS = "initial-weights"  # node config: the run's initial_weights.pt
 STATE_LOCAL_BN = "fedvision-local-bn"  # Context.state record: this client's own BatchNorm
@@ -108,6 +109,7 @@ KEY_DP_DELTA = "dp-delta"
 KEY_DPSGD_EPSILON = "dpsgd-epsilon"  # train reply: this client's sample-level epsilon so far
 KEY_DPSGD_STEPS = "dpsgd-steps"  # train reply: this client's DP-SGD steps so far
 STATE_DPSGD = "fedvision-dpsgd"  # Context.state record: DP-SGD steps this client took in the run
+KEY_DPSGD_PRIOR = "dpsgd-prior-steps"  # round config: DP-SGD steps per partition id so far
 # --- secure aggregation (appended; see fedvision/fl/secagg.py) ----------------------------------
 KEY_SECAGG_MAX_WEIGHT = "secagg-max-weight"  # round config: the weight that maps to ratio 1
 KEY_SECAGG_CLIP = "secagg-clipping-range"  # round config: SecAgg+ clips weighted values to +-this

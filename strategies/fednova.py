@@ -21,10 +21,11 @@ so it is part of each client's local gradient and is normalised with it; ``a_i``
 slight shrinking it adds (a relative error of about ``lr * weight_decay * tau_i``). Adam has no such
 ``a_i``: fedvision refuses FedNova with ``client.optimizer`` other than ``sgd``.
 
-Entries that are not trained by gradient steps (BatchNorm's running statistics and counter, which
-travel in the shared part) get FedAvg's example-weighted mean: normalising them could extrapolate a
-running variance below zero. The server says which packed entries are parameters
-(``set_parameter_mask``); without a mask every entry is treated as a parameter.
+Entries that are not trained by gradient steps (BatchNorm's running statistics) must get FedAvg's
+example-weighted mean instead: normalising them could extrapolate a running variance below zero.
+fedvision hands strategies parameters only (its server averages the statistics itself), so it
+sets no mask; a caller that packs other entries with the parameters marks which are parameters
+with ``set_parameter_mask``; without a mask every entry is treated as a parameter.
 """
 
 from __future__ import annotations

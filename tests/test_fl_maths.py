@@ -232,6 +232,6 @@ def test_federated_evaluation_weights_clients_and_skips_empty_ones(sizes, want):
 
     strategy = SeededSampling(FedAvg(min_evaluate_nodes=1, min_available_nodes=1), seed=0)
     strategy.set_partitions({11: 0, 12: 1})
-    out = _federated_evaluate(Grid(), strategy, ArrayRecord(), ConfigRecord(), 1, 5)
+    out = _federated_evaluate(Grid(), strategy, ArrayRecord(), None, ConfigRecord(), 1, 5)
     # Two clients with no validation data used to divide by a zero total weight.
     assert out["client_val_accuracy"] == (None if want is None else pytest.approx(want))

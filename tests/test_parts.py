@@ -25,7 +25,14 @@ def test_full_finetuning_shares_everything_and_fedbn_keeps_every_batchnorm(resne
     model = resnet18_models["full"]
     keys = list(model.state_dict())
     assert split_parts(model) == split_parts(model, local_bn=False)
-    assert split_parts(model).shared == tuple(keys)
+    parts = split_parts(model)
+    params = tuple(n for n, _ in model.named_parameters())
+    # Three kinds: parameters go to the strategy, statistics beside them, counters nowhere.
+    assert parts.shared == params
+    assert set(parts.stats) == {k for k in keys if k.endswith(("running_mean", "running_var"))}
+    assert set(parts.counters) == {k for k in keys if k.endswith("num_batches_tracked")}
+    assert len(parts.stats) == 40 and len(parts.counters) == 20 and not parts.frozen
+    assert parts.counters[0] not in parts.unsent  # no layer reads them: no base file needed
     fedbn = split_parts(model, local_bn=True)
     bn = batchnorm_keys(model)
     # resnet18 has 20 BatchNorm layers, 5 entries each (weight, bias, mean, var, counter).
@@ -46,7 +53,8 @@ def test_last_k_shares_the_last_block_with_its_statistics(resnet18_models):
     model = resnet18_models["last_k"]
     parts = split_parts(model)
     assert {k.split(".")[0] for k in parts.shared} == {"layer4", "fc"}
-    assert "layer4.0.bn1.running_mean" in parts.shared  # its BatchNorm trains, so its stats move
+    assert "layer4.0.bn1.running_mean" in parts.stats  # its BatchNorm trains, so its stats move
+    assert "layer4.0.bn1.num_batches_tracked" in parts.counters
     assert "layer3.1.bn2.running_mean" in parts.frozen  # frozen BatchNorm runs in eval mode
     fedbn = split_parts(model, local_bn=True)
     assert {k.rsplit(".", 1)[0] for k in fedbn.local} == {
@@ -107,3 +115,10 @@ def test_fedbn_composes_with_fedavg_fedprox_and_last_k(strategy):
     check_local_bn(_plain(*FEDBN, f"strategy={strategy}"))
     check_local_bn(_plain(*FEDBN, f"strategy={strategy}", "model.finetune=last_k"))
     check_local_bn(_plain("model.name=squeezenet1_0"))  # off: nothing to check
+
+
+def test_a_trained_batchnorm_without_momentum_is_refused():
+    # momentum=None is a cumulative average over num_batches_tracked, which never travels.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, momentum=None))
+    with pytest.raises(FedvisionError, match="momentum=None"):
+        split_parts(model)

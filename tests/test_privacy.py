@@ -218,11 +218,21 @@ def test_the_budget_stops_before_the_round_that_would_pass_it():
         (["privacy=server_fixed", "privacy.delta=0"], r"delta=0.0 must lie in \(0, 1\)"),
         (["privacy=server_fixed", "privacy.max_epsilon=0"], "max_epsilon=0.0 must be > 0"),
         (["privacy=server_fixed", "privacy.max_epsilon=-3"], "max_epsilon=-3.0 must be > 0"),
-        (["privacy=server_fixed", "privacy.max_epsilon=0.01"], "below one round's epsilon"),
         (
-            ["privacy=server_fixed", "privacy.max_epsilon=5", "privacy.wrapper.noise_multiplier=0"],
+            ["privacy=server_fixed", "privacy.max_epsilon=0.01", "model.finetune=head"],
+            "below one round's epsilon",
+        ),
+        (
+            [
+                "privacy=server_fixed",
+                "privacy.max_epsilon=5",
+                "model.finetune=head",
+                "privacy.wrapper.noise_multiplier=0",
+            ],
             "needs privacy.wrapper.noise_multiplier > 0",
         ),
+        (["privacy=server_fixed"], "BatchNorm running statistics"),
+        (["privacy=client_adaptive", "model.finetune=last_k"], "BatchNorm running statistics"),
         (["privacy=none", "privacy.max_epsilon=5"], "pick a client-level option"),
         (["privacy=server_fixed", "strategy=fedadam"], "FedAdam does not compute"),
         (["privacy=client_fixed", "strategy=fedmedian"], "FedMedian does not compute"),
@@ -313,12 +323,14 @@ def test_dpsgd_freezes_batchnorm_and_clips_each_sample_gradient():
 
 
 COMMON = ("client.local_steps=1", "client.batch_size=4", "client.augment=none")
+# Client-level DP sends parameters only: a frozen BatchNorm (head) keeps statistics home.
+HEAD = "model.finetune=head"
 
 
 def test_a_two_round_server_fixed_run_records_epsilon_every_round(dataset, tmp_path):
     run_dir = prepared(
-        dataset, tmp_path / "run", *COMMON, "num_rounds=2", "privacy=server_fixed",
-        "privacy.wrapper.noise_multiplier=0.8", "privacy.wrapper.clipping_norm=0.5",
+        dataset, tmp_path / "run", *COMMON, HEAD, "num_rounds=2", "privacy=server_fixed",
+        "privacy.wrapper.noise_multiplier=0.8", "privacy.wrapper.clipping_norm=0.002",
     )  # fmt: skip
     grid = InlineGrid(run_dir, 2)
     summary = serve(grid, run_dir)
@@ -334,7 +346,7 @@ def test_a_two_round_server_fixed_run_records_epsilon_every_round(dataset, tmp_p
     replies = [reply for msg, reply, _ in grid.log if msg.metadata.message_type == "train"]
     assert {r.content[C.KEY_METRICS][C.KEY_NUM_EXAMPLES] for r in replies} == {1}
     assert all(r.content[C.KEY_METRICS][C.KEY_NUM_TRAIN] > 1 for r in replies)
-    assert all(math.isfinite(r["test_loss"]) for r in rounds)  # noised variances clamped
+    assert all(math.isfinite(r["test_loss"]) for r in rounds)
     # The norms are measured before the wrapper clips: its clipping rewrites the replies in
     # place, so after the round every update has norm C = 0.5 and the recorded ones are larger.
     first = [(m, r) for m, r, _ in grid.log if m.metadata.message_type == "train"][:2]
@@ -343,15 +355,15 @@ def test_a_two_round_server_fixed_run_records_epsilon_every_round(dataset, tmp_p
             r.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy()
             - m.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy()
         )
-        assert np.linalg.norm(moved.astype(np.float64)) == pytest.approx(0.5, rel=1e-4)
-    assert rounds[0]["update_norm_median"] > 0.5 and rounds[0]["clipped_fraction"] == 1.0
+        assert np.linalg.norm(moved.astype(np.float64)) == pytest.approx(0.002, rel=1e-4)
+    assert rounds[0]["update_norm_median"] > 0.002 and rounds[0]["clipped_fraction"] == 1.0
     report = write_report([run_dir], tmp_path / "report")
     assert "ε (δ)" in report and f"{rounds[-1]['epsilon']:.2f} (1e-05)" in report
 
 
 def test_client_side_clipping_leaves_federated_evaluation_working(dataset, tmp_path):
     run_dir = prepared(
-        dataset, tmp_path, *COMMON, "num_rounds=1", "privacy=client_fixed",
+        dataset, tmp_path, *COMMON, HEAD, "num_rounds=1", "privacy=client_fixed",
         "strategy.fraction_evaluate=1.0", "strategy.min_evaluate_nodes=2",
     )  # fmt: skip
     grid = InlineGrid(run_dir, 2)
@@ -369,7 +381,7 @@ def test_client_side_clipping_leaves_federated_evaluation_working(dataset, tmp_p
 def test_the_budget_stops_the_run_cleanly_before_it_is_exceeded(dataset, tmp_path):
     e2, e3 = (_opacus_epsilon(1.0, 1.0, k, 1e-5) for k in (2, 3))
     run_dir = prepared(
-        dataset, tmp_path, *COMMON, "num_rounds=4", "privacy=server_fixed",
+        dataset, tmp_path, *COMMON, HEAD, "num_rounds=4", "privacy=server_fixed",
         f"privacy.max_epsilon={(e2 + e3) / 2}",
     )  # fmt: skip
     summary = serve(InlineGrid(run_dir, 2), run_dir)
@@ -400,7 +412,7 @@ def test_a_resumed_run_continues_the_account_and_the_adaptive_clipping_norm(data
     from fedvision.rundir import append_resume
 
     run_dir = prepared(
-        dataset, tmp_path, *COMMON, "num_rounds=1", "privacy=server_adaptive",
+        dataset, tmp_path, *COMMON, HEAD, "num_rounds=1", "privacy=server_adaptive",
         "privacy.wrapper.noise_multiplier=0.5",
     )  # fmt: skip
     serve(InlineGrid(run_dir, 2), run_dir)

@@ -71,23 +71,19 @@ def test_one_sgd_step_moves_by_minus_lr_times_gradient_plus_correction():
 
 
 def test_option_ii_client_update_by_hand():
-    # Three packed entries; the third is a running statistic (no control variate).
-    controls = Controls(
-        c=np.array([0.5, -0.5, 0.3], np.float32),
-        c_i=np.array([0.1, 0.2, 0.0], np.float32),
-        mask=np.array([True, True, False]),
-    )
-    x = np.array([1.0, 2.0, 7.0], np.float32)
-    y = np.array([0.8, 2.3, 9.0], np.float32)
+    # Two packed parameters (statistics travel apart and have no control variate).
+    controls = Controls(c=np.array([0.5, -0.5], np.float32), c_i=np.array([0.1, 0.2], np.float32))
+    x = np.array([1.0, 2.0], np.float32)
+    y = np.array([0.8, 2.3], np.float32)
     # K = 4 steps at lr 0.1, plain SGD: (x - y) / (K lr) = (0.2, -0.3) / 0.4 = (0.5, -0.75);
-    # c_i+ = c_i - c + that = (0.1 - 0.5 + 0.5, 0.2 + 0.5 - 0.75) = (0.1, -0.05); entry 3: 0.
+    # c_i+ = c_i - c + that = (0.1 - 0.5 + 0.5, 0.2 + 0.5 - 0.75) = (0.1, -0.05).
     new, delta = update_controls(controls, x, y, steps=4, lr=0.1, momentum=0.0)
-    np.testing.assert_allclose(new, [0.1, -0.05, 0.0], atol=1e-6)
-    np.testing.assert_allclose(delta, [0.0, -0.25, 0.0], atol=1e-6)
+    np.testing.assert_allclose(new, [0.1, -0.05], atol=1e-6)
+    np.testing.assert_allclose(delta, [0.0, -0.25], atol=1e-6)
     # K = 2 steps with momentum 0.5 count as a = 1 + 1.5 = 2.5 steps: (0.2, -0.3) / 0.25 =
     # (0.8, -1.2); c_i+ = (0.1 - 0.5 + 0.8, 0.2 + 0.5 - 1.2) = (0.4, -0.5).
     new, _ = update_controls(controls, x, y, steps=2, lr=0.1, momentum=0.5)
-    np.testing.assert_allclose(new, [0.4, -0.5, 0.0], atol=1e-6)
+    np.testing.assert_allclose(new, [0.4, -0.5], atol=1e-6)
 
 
 # --- the strategy --------------------------------------------------------------------------------
@@ -209,15 +205,15 @@ def _flat(record: ArrayRecord) -> np.ndarray:
     return record[C.KEY_FLAT].numpy().astype(np.float64)
 
 
-def _mask(finetune: str, local_bn: bool) -> tuple[np.ndarray, list[str]]:
+def _shared(finetune: str, local_bn: bool) -> tuple[list[str], list[str]]:
+    """The packed parameters of the run's model, and its travelling BatchNorm statistics."""
     from fedvision.models import build_model, split_parts
 
     model = build_model("resnet18", 2, finetune=finetune, last_k=1)
     parts = split_parts(model, local_bn=local_bn)
     params = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = model.state_dict()
-    mask = np.concatenate([np.full(state[k].numel(), k in params) for k in parts.shared])
-    return mask, list(parts.shared)
+    assert set(parts.shared) <= params  # every packed entry gets a control variate
+    return list(parts.shared), list(parts.stats)
 
 
 @pytest.mark.parametrize(
@@ -236,7 +232,8 @@ def test_two_rounds_follow_option_ii_and_c_i_persists_in_the_context(dataset, tm
     summary = serve(grid, run_dir)
     assert summary["rounds_done"] == 2
     finetune = "last_k" if extra else "full"
-    mask, shared = _mask(finetune, local_bn=bool(extra))
+    shared, stats = _shared(finetune, local_bn=bool(extra))
+    size = sum(t.numel() for k, t in torch.load(run_dir / C.RUN_INITIAL).items() if k in shared)
     r1 = [s for s in grid.states if s[0].content[C.KEY_CONFIG][C.KEY_SERVER_ROUND] == 1]
     r2 = [s for s in grid.states if s[0].content[C.KEY_CONFIG][C.KEY_SERVER_ROUND] == 2]
     assert len(r1) == len(r2) == 2
@@ -244,9 +241,9 @@ def test_two_rounds_follow_option_ii_and_c_i_persists_in_the_context(dataset, tm
     for m, reply, own in r1:
         assert reply.content[C.KEY_METRICS][C.KEY_STEPS] == K
         assert not _flat(m.content[C.KEY_CONTROL]).any()
-        assert _flat(m.content[C.KEY_CONTROL]).size == mask.size  # c: the shared part's layout
+        assert _flat(m.content[C.KEY_CONTROL]).size == size  # c: the parameters' layout
         x, y = _flat(m.content[C.KEY_ARRAYS]), _flat(reply.content[C.KEY_ARRAYS])
-        want = np.where(mask, (x - y) / (K * LR), 0)
+        want = (x - y) / (K * LR)
         np.testing.assert_allclose(own, want, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(_flat(reply.content[C.KEY_CONTROL_DELTA]), own, atol=1e-6)
         assert np.abs(own).max() > 0
@@ -260,7 +257,7 @@ def test_two_rounds_follow_option_ii_and_c_i_persists_in_the_context(dataset, tm
         np.testing.assert_allclose(_flat(m.content[C.KEY_CONTROL]), c2, rtol=1e-5, atol=1e-7)
         c_i = first[m.metadata.dst_node_id]
         y = _flat(reply.content[C.KEY_ARRAYS])
-        want = np.where(mask, c_i - c2 + (_flat(m.content[C.KEY_ARRAYS]) - y) / (K * LR), 0)
+        want = c_i - c2 + (_flat(m.content[C.KEY_ARRAYS]) - y) / (K * LR)
         np.testing.assert_allclose(own, want, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(
             _flat(reply.content[C.KEY_CONTROL_DELTA]), own - c_i, rtol=1e-4, atol=1e-5
@@ -289,7 +286,10 @@ def test_two_rounds_follow_option_ii_and_c_i_persists_in_the_context(dataset, tm
     outcome = {}
     for use in (True, False):
         replica = build_model("resnet18", 2)
-        replica.load_state_dict(unpack(m.content[C.KEY_ARRAYS], layout).to_torch_state_dict())
+        received = unpack(m.content[C.KEY_ARRAYS], layout).to_torch_state_dict()
+        stat_layout = {k: tuple(initial[k].shape) for k in stats}
+        received.update(unpack(m.content[C.KEY_BN_STATS], stat_layout).to_torch_state_dict())
+        replica.load_state_dict(received, strict=False)  # counters: never sent, never read
         corr = [by_name[n] for n, p in replica.named_parameters() if p.requires_grad]
         train_local(replica, cache.images, cache.labels, train_idx, cfg, "cpu",
                     grad_correction=corr if use else None)  # fmt: skip

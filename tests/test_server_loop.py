@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedvision import constants as C
 from fedvision.config import compose_config
@@ -118,6 +118,9 @@ class InlineGrid(PushPull):
         self.sent: list[int] = []
         # (message, reply, the node's FedBN state after it) for every exchange, in order.
         self.log: list[tuple[Message, Message, dict[str, torch.Tensor] | None]] = []
+        # Each reply's ArrayRecords as the client sent them: the server takes the BatchNorm
+        # statistics out of a train reply before the strategy sees it.
+        self.replied: list[dict[str, ArrayRecord]] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -130,6 +133,7 @@ class InlineGrid(PushPull):
             reply = clientapp.app(m, ctx)
             own = ctx.state.get(C.STATE_LOCAL_BN)
             self.log.append((m, reply, None if own is None else own.to_torch_state_dict()))
+            self.replied.append(dict(reply.content.array_records))
             replies.append(reply)
         return replies
 
@@ -274,6 +278,15 @@ def _pretrained(path, num_classes: int = 2) -> dict[str, torch.Tensor]:
     return state
 
 
+def _stats_both_ways(grid: InlineGrid) -> list[tuple[ArrayRecord | None, ArrayRecord | None]]:
+    """The BatchNorm statistics of each train message and of its reply as the client sent it."""
+    return [
+        (m.content.array_records.get(C.KEY_BN_STATS), sent.get(C.KEY_BN_STATS))
+        for (m, _, _), sent in zip(grid.log, grid.replied, strict=True)
+        if m.metadata.message_type == "train"
+    ]
+
+
 def _train_exchanges(grid: InlineGrid, rnd: int | None = None):
     return [
         (m, r, own)
@@ -284,12 +297,21 @@ def _train_exchanges(grid: InlineGrid, rnd: int | None = None):
 
 
 # resnet18 with 2 classes. head: fc (2 x 512 + 2). last_k=1: layer4's convs (3x3 256->512,
-# three 3x3 512->512, the 1x1 256->512 shortcut), its 5 BatchNorm layers (weight, bias, running
-# mean and var of 512 each, plus a counter; they train, so their statistics travel) and fc.
+# three 3x3 512->512, the 1x1 256->512 shortcut), its 5 BatchNorm layers (weight and bias of 512
+# each as parameters; running mean and var of 512 each as statistics, which travel beside them
+# because the layers train; a counter each, never sent) and fc.
+# (prefixes, parameter floats, parameter arrays, statistics floats, statistics arrays, counters)
 LAYER4_CONVS = 512 * 256 * 9 + 3 * 512 * 512 * 9 + 512 * 256
 HAND = {
-    "head": (("fc.",), 2 * 512 + 2, 2),
-    "last_k": (("layer4.", "fc."), LAYER4_CONVS + 5 * (4 * 512 + 1) + 2 * 512 + 2, 30 + 2),
+    "head": (("fc.",), 2 * 512 + 2, 2, 0, 0, 0),
+    "last_k": (
+        ("layer4.", "fc."),
+        LAYER4_CONVS + 5 * 2 * 512 + 2 * 512 + 2,
+        5 + 10 + 2,
+        5 * 2 * 512,
+        10,
+        5,
+    ),
 }
 
 
@@ -303,26 +325,31 @@ def test_a_frozen_backbone_is_never_sent_and_stays_bit_identical(dataset, tmp_pa
     )  # fmt: skip
     grid = InlineGrid(run_dir, 2)
     serve(grid, run_dir)
-    prefixes, floats, num_arrays = HAND[finetune]
+    prefixes, floats, num_arrays, stat_floats, num_stats, num_counters = HAND[finetune]
     assert LAYER4_CONVS == 8_388_608
-    sent = [k for k in pretrained if k.startswith(prefixes)]
-    assert len(sent) == num_arrays
+    trained = [k for k in pretrained if k.startswith(prefixes)]
+    counters = [k for k in trained if k.endswith("num_batches_tracked")]
+    stats = [k for k in trained if k.endswith(("running_mean", "running_var"))]
+    sent = [k for k in trained if k not in counters + stats]
+    assert (len(sent), len(stats), len(counters)) == (num_arrays, num_stats, num_counters)
     assert sum(pretrained[k].numel() for k in sent) == floats  # the hand count above
-    frozen = [k for k in pretrained if k not in sent]
+    assert sum(pretrained[k].numel() for k in stats) == stat_floats
+    frozen = [k for k in pretrained if k not in trained]
 
-    # Both directions carry exactly the trained part, every round.
+    # Both directions carry exactly the trained parameters (and statistics), every round.
     exchanges = _train_exchanges(grid)
     assert len(exchanges) == 3 * 2
-    for m, reply, _ in exchanges:
+    for (m, reply, _), both in zip(exchanges, _stats_both_ways(grid), strict=True):
         for msg in (m, reply):
             assert msg.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy().size == floats
             assert list(_unpacked(msg, pretrained, sent)) == sent
-    per_client = 4 * floats + NPY_HEADER + len(C.KEY_FLAT)
-    full = _message_bytes(pretrained, pretrained)
+        for got in both:
+            assert (0 if got is None else got[C.KEY_FLAT].numpy().size) == stat_floats
+    per_client = _message_bytes(pretrained, sent) + (
+        _message_bytes(pretrained, stats) if stats else 0
+    )
     for r in read_metrics(run_dir)[1:]:
         assert r["bytes_down"] == r["bytes_up"] == 2 * per_client
-        # the saving per client: the frozen floats
-        assert full - per_client == 4 * sum(pretrained[k].numel() for k in frozen)
 
     # The server's global model and a client's trained model keep the pretrained backbone.
     initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
@@ -337,19 +364,22 @@ def test_a_frozen_backbone_is_never_sent_and_stays_bit_identical(dataset, tmp_pa
     assert list(latest) == list(pretrained)
 
 
-def test_full_finetuning_still_sends_the_whole_model(dataset, tmp_path):
+def test_full_finetuning_sends_every_parameter_and_statistic_but_no_counter(dataset, tmp_path):
     run_dir = prepared(dataset, tmp_path, "client.local_steps=1", "client.batch_size=4")
     grid = InlineGrid(run_dir, 2)
     serve(grid, run_dir)
     initial = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
-    for m, reply, _ in _train_exchanges(grid):
+    params = [k for k in initial if not k.endswith(("running_mean", "running_var", "tracked"))]
+    stats = [k for k in initial if k.endswith(("running_mean", "running_var"))]
+    for (m, reply, _), both in zip(_train_exchanges(grid), _stats_both_ways(grid), strict=True):
         for msg in (m, reply):
-            assert msg.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy().size == sum(
-                t.numel() for t in initial.values()
-            )
+            assert list(_unpacked(msg, initial, params)) == params
+        for got in both:
+            assert got[C.KEY_FLAT].numpy().size == sum(initial[k].numel() for k in stats)
         assert m.content[C.KEY_CONFIG][C.KEY_BASE_FINGERPRINT] == ""  # no base needed
     record = read_metrics(run_dir)[1]
-    assert record["bytes_down"] == record["bytes_up"] == 2 * _message_bytes(initial, initial)
+    per_client = _message_bytes(initial, params) + _message_bytes(initial, stats)
+    assert record["bytes_down"] == record["bytes_up"] == 2 * per_client
     # How far each client moved, from what it was sent and what it sent back (FedAvg leaves the
     # replies as they came; no clipping norm, so no clipped fraction).
     norms = [

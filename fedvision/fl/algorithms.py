@@ -5,16 +5,14 @@ The maths of the server side lives in the strategies (``strategies/scaffold.py``
 This module connects them to messages and to the client's ``Context.state``:
 
 - SCAFFOLD's client control variate ``c_i`` is kept in ``Context.state`` (as FedBN keeps its
-  BatchNorm), packed like the shared part of the model, zeros the first time;
-- both need to know which packed entries are trained *parameters*: BatchNorm's running statistics
-  travel in the shared part but are no gradient steps (no control variate, no normalisation).
+  BatchNorm), packed like the shared parameters of the model, zeros the first time. Every packed
+  entry is a trained parameter: BatchNorm's running statistics travel in their own record and
+  get neither a control variate nor FedNova's normalisation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,24 +20,8 @@ from flwr.app import Array, ArrayRecord, Context, Message
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
-from fedvision.fl.parts import run_model
 from fedvision.models import ModelParts
 from strategies.fednova import momentum_steps
-
-
-def parameter_mask(model: torch.nn.Module, keys: tuple[str, ...] | list[str]) -> np.ndarray:
-    """True for each packed entry of ``keys`` (state-dict order) that is a trainable parameter."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = model.state_dict()
-    return np.concatenate(
-        [np.full(state[k].numel(), k in trainable, dtype=bool) for k in keys]
-        or [np.zeros(0, dtype=bool)]
-    )
-
-
-def server_parameter_mask(cfg: Mapping[str, Any], num_classes: int, keys: list[str]) -> np.ndarray:
-    """:func:`parameter_mask` of the run's model (what the server hands FedNova)."""
-    return parameter_mask(run_model(cfg, num_classes), keys)
 
 
 def _flat(record: ArrayRecord, what: str, size: int) -> np.ndarray:
@@ -57,7 +39,6 @@ class Controls:
 
     c: np.ndarray  # the server's, as received
     c_i: np.ndarray  # this client's, before training
-    mask: np.ndarray  # True where the entry is a trainable parameter
 
 
 def read_controls(
@@ -74,15 +55,16 @@ def read_controls(
         raise FedvisionError(
             f"SCAFFOLD (option II) needs local SGD, but this round's optimizer is {optimizer}"
         )
-    mask = parameter_mask(model, parts.shared)
-    c = _flat(record, "the server's control variate", mask.size)
+    state = model.state_dict()
+    size = sum(state[k].numel() for k in parts.shared)
+    c = _flat(record, "the server's control variate", size)
     own = context.state.get(C.STATE_CONTROL)
     c_i = (
         np.zeros_like(c)
         if own is None
-        else _flat(own, "this client's stored control variate", mask.size)
+        else _flat(own, "this client's stored control variate", size)
     )
-    return Controls(c=c, c_i=c_i, mask=mask)
+    return Controls(c=c, c_i=c_i)
 
 
 def grad_correction(
@@ -113,15 +95,14 @@ def grad_correction(
 def update_controls(
     controls: Controls, x: np.ndarray, y: np.ndarray, steps: int, lr: float, momentum: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Option II: ``c_i+ = c_i - c + (x - y) / (a * lr)`` on parameter entries, 0 elsewhere.
+    """Option II: ``c_i+ = c_i - c + (x - y) / (a * lr)`` over the packed parameters.
 
     ``a`` is ``steps`` for plain SGD and :func:`~strategies.fednova.momentum_steps` with momentum
     (the coefficient sum of ``steps`` momentum steps). Returns ``(c_i+, c_i+ - c_i)``.
     """
     a = momentum_steps(steps, momentum)
     x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    new = controls.c_i.astype(np.float64) - controls.c + (x64 - y64) / (a * lr)
-    new = np.where(controls.mask, new, 0.0).astype(np.float32)
+    new = (controls.c_i.astype(np.float64) - controls.c + (x64 - y64) / (a * lr)).astype(np.float32)
     return new, (new.astype(np.float64) - controls.c_i).astype(np.float32)
 
 

@@ -6,7 +6,9 @@ A checkpoint holds everything the server needs to continue a run exactly where i
 - ``strategy``: what a strategy keeps between rounds (FedAdam/FedYogi/FedAdagrad moments,
   FedAvgM's momentum buffer, an adaptive clipping norm), for every strategy in a wrapper chain;
 - ``round``, the RNG states of ``random``, numpy and torch, the best round chosen on validation
-  data, and ``lr_horizon`` (the rounds the learning-rate schedule spans, fixed when a run starts).
+  data, and ``lr_horizon`` (the rounds the learning-rate schedule spans, fixed when a run starts);
+- ``dpsgd_steps``: the DP-SGD steps each client (by partition id) took so far, which its epsilon
+  composes; a client's Flower Context does not survive a resumed simulation, the server's does.
 
 Everything is stored as tensors and plain Python values, so ``torch.load(weights_only=True)``
 reads it without unpickling code.
@@ -50,6 +52,7 @@ class Checkpoint:
     rng: dict[str, Any] = field(default_factory=dict)
     best_round: int | None = None
     best_value: float | None = None
+    dpsgd_steps: dict[int, int] = field(default_factory=dict)
 
     def arrays(self) -> ArrayRecord:
         """The global model as the ArrayRecord the server sends out."""
@@ -171,6 +174,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "rng": ckpt.rng,
         "best_round": ckpt.best_round,
         "best_value": ckpt.best_value,
+        "dpsgd_steps": {int(k): int(v) for k, v in ckpt.dpsgd_steps.items()},
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -211,4 +215,6 @@ def load_checkpoint(path: Path, *, arch: str, num_classes: int) -> Checkpoint:
         rng=raw["rng"],
         best_round=raw["best_round"],
         best_value=raw["best_value"],
+        # Checkpoints written before DP-SGD steps were kept here hold none.
+        dpsgd_steps={int(k): int(v) for k, v in raw.get("dpsgd_steps", {}).items()},
     )

@@ -10,12 +10,13 @@ No training loop lives here (that is ``fedvision.engine``). What a client needs 
 decoded cache view, its partition, a built model, the run's initial weights) is kept by
 ``functools.lru_cache`` in the worker process, so a round moves only weights and config.
 
-Messages carry only the ``shared`` part of the model (``fedvision.fl.parts``): with a frozen
-backbone (``finetune=head``/``last_k``) or FedBN, the client completes the model from the run's
-initial weights (node config ``initial-weights``, else ``<run-dir>/initial_weights.pt``), after
-checking them against the server's fingerprint. Under FedBN a client's own BatchNorm lives in its
-Flower ``Context.state``, which Flower keeps per node for the whole run (the simulation engine
-and a SuperNode alike): the worker's caches are shared by the clients it serves, the Context is not.
+Messages carry only the trained parameters (``shared``) and, beside them, the running statistics
+of the BatchNorm layers that train (``fedvision.fl.parts``); the client completes the model (a
+frozen backbone, FedBN's local layers) from the run's initial weights (node config
+``initial-weights``, else ``<run-dir>/initial_weights.pt``), after checking them against the
+server's fingerprint. Under FedBN a client's own BatchNorm lives in its Flower ``Context.state``,
+which Flower keeps per node for the whole run (the simulation engine and a SuperNode alike): the
+worker's caches are shared by the clients it serves, the Context is not.
 """
 
 from __future__ import annotations
@@ -185,13 +186,21 @@ def _load_global(
 
     Returns the model, its parts, and whether its BatchNorm started from the base this time.
     """
-    return load_global(msg.content[C.KEY_CONFIG], msg.content[C.KEY_ARRAYS], node, context)
+    return load_global(
+        msg.content[C.KEY_CONFIG], msg.content[C.KEY_ARRAYS], node, context,
+        stats=msg.content.array_records.get(C.KEY_BN_STATS),
+    )  # fmt: skip
 
 
 def load_global(
-    cfg: Mapping[str, Any], arrays: ArrayRecord, node: Mapping[str, Any], context: Context
+    cfg: Mapping[str, Any],
+    arrays: ArrayRecord,
+    node: Mapping[str, Any],
+    context: Context,
+    stats: ArrayRecord | None = None,
 ) -> tuple[torch.nn.Module, ModelParts, bool]:
-    """The model of a round config ``cfg`` and packed ``arrays`` (also for the SecAgg+ client).
+    """The model of a round config ``cfg``, packed parameters ``arrays`` and packed BatchNorm
+    ``stats`` (also for the SecAgg+ client).
 
     Returns the model, its parts, and whether its BatchNorm started from the base this time.
     """
@@ -214,6 +223,17 @@ def load_global(
             f"{len(parts.shared)} arrays)"
         ) from exc
     state = received.to_torch_state_dict()
+    if parts.stats:
+        if stats is None:
+            raise FedvisionError(
+                f"the server sent no BatchNorm statistics, but this client's {key[0]} trains "
+                f"{len(parts.stats)} of them: client and server run different fedvision versions"
+            )
+        state.update(
+            unpack(stats, {k: tuple(full[k].shape) for k in parts.stats}).to_torch_state_dict()
+        )
+    # Counters never travel and no layer reads them: the model keeps its own.
+    state.update({k: full[k] for k in parts.counters})
     new_bn = False
     if parts.unsent:
         base = _base_weights(node, parts, str(cfg.get(C.KEY_BASE_FINGERPRINT, "")))
@@ -244,10 +264,16 @@ def train(msg: Message, context: Context) -> Message:
         )  # fmt: skip
     else:
         # Sample-level DP-SGD (never with SCAFFOLD: check_privacy refuses the pair). The epsilon
-        # composes every DP-SGD step this client took in the run, which its Context keeps (lost
-        # when the client restarts: then it undercounts).
+        # composes every DP-SGD step this client took in the run: the server keeps the counts
+        # (in its checkpoint, so a resumed run continues them) and this node's Context keeps its
+        # own (steps of a reply the server never got); the larger one counts.
         done = context.state.get(C.STATE_DPSGD)
-        prior = int(done[C.KEY_DPSGD_STEPS]) if done is not None else 0
+        pid = int(node[C.KEY_PARTITION_ID])
+        server_steps = list(record.get(C.KEY_DPSGD_PRIOR, []))
+        prior = max(
+            int(done[C.KEY_DPSGD_STEPS]) if done is not None else 0,
+            int(server_steps[pid]) if pid < len(server_steps) else 0,
+        )
         result = train_local_dpsgd(
             model, cache.images, cache.labels, train_idx, cfg, dp, device, prior_steps=prior
         )
@@ -280,6 +306,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics[C.KEY_NEW_BN] = int(new_bn)
     shared = pack(float32_arrays({k: state[k] for k in parts.shared}))
     content = RecordDict({C.KEY_ARRAYS: shared, C.KEY_METRICS: metrics})
+    if parts.stats:
+        content[C.KEY_BN_STATS] = pack(float32_arrays({k: state[k] for k in parts.stats}))
     if controls is not None:
         # SCAFFOLD: c_i+ waits in the Context for the next round; the server gets the change.
         c_i, delta = update_controls(

@@ -1,10 +1,13 @@
-"""What travels in a round: the shared part of the model, cut out of and merged into the whole.
+"""What travels in a round: the trained parts of the model, cut out of and merged into the whole.
 
 The server owns the whole global model (checkpoints, central evaluation). Each round it hands the
-strategy only the ``shared`` entries of :class:`~fedvision.models.ModelParts` (what local training
-changes, minus FedBN's local BatchNorm), so every Flower strategy aggregates whatever it is given,
-and merges the aggregate back. Clients complete the model from the run's initial weights, checked
-by a fingerprint of everything that is never sent.
+strategy only the ``shared`` entries of :class:`~fedvision.models.ModelParts` (the parameters
+that train, minus FedBN's local BatchNorm), so every Flower strategy aggregates parameters and
+nothing else, and merges the aggregate back. BatchNorm running statistics of the layers that
+train travel beside them as a second packed record (``C.KEY_BN_STATS``), which the server takes
+out of the replies before the strategy sees them (Flower's strategies accept exactly one
+ArrayRecord per reply) and averages by example count. Counters never travel. Clients complete the
+model from the run's initial weights, checked by a fingerprint of everything that is never sent.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
+from fedvision import constants as C
 from fedvision.errors import FedvisionError
+from fedvision.fl.arrays import pack
 from fedvision.models import ModelParts, batchnorm_keys, build_model, fingerprint, split_parts
 
 
@@ -46,6 +53,64 @@ def subset(arrays: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:
     if keys == list(arrays.keys()):
         return arrays
     return ArrayRecord({k: arrays[k] for k in keys})
+
+
+def packed_stats(arrays: ArrayRecord, parts: ModelParts) -> ArrayRecord | None:
+    """The packed BatchNorm statistics of ``arrays`` that travel (``None``: the model has none)."""
+    return pack(subset(arrays, parts.stats)) if parts.stats else None
+
+
+def travelling(arrays: ArrayRecord, parts: ModelParts) -> list[np.ndarray]:
+    """The packed parameters, then the packed BatchNorm statistics when some train (SecAgg+
+    sends both as masked arrays of its legacy parameter list)."""
+    return [
+        pack(subset(arrays, keys))[C.KEY_FLAT].numpy()
+        for keys in (parts.shared, parts.stats)
+        if keys
+    ]
+
+
+def with_stats(messages: Iterable[Message], stats: ArrayRecord | None) -> list[Message]:
+    """``messages`` with the global BatchNorm statistics beside the strategy's parameters."""
+    messages = list(messages)
+    if stats is None:
+        return messages
+    for m in messages:
+        # Strategies send every node the same RecordDict: each message gets its own (the arrays
+        # are shared, not copied), so a later per-client change touches one message only.
+        m.content = RecordDict({**dict(m.content.items()), C.KEY_BN_STATS: stats})
+    return messages
+
+
+def take_stats(replies: Iterable[Message]) -> list[tuple[ArrayRecord, float]]:
+    """Take the BatchNorm statistics out of train replies; return them with example counts.
+
+    Flower's strategies refuse a reply with more than one ArrayRecord, and statistics must never
+    reach them (no clipping, noise or server step), so they leave the reply here. The weight is
+    the client's real example count (``num-train``): under client-level DP ``num-examples`` is 1.
+    """
+    out = []
+    for m in replies:
+        if m.has_error() or C.KEY_BN_STATS not in m.content.array_records:
+            continue
+        content = dict(m.content.items())
+        stats = content.pop(C.KEY_BN_STATS)
+        m.content = RecordDict(content)
+        metrics = m.content[C.KEY_METRICS]
+        out.append((stats, float(metrics.get(C.KEY_NUM_TRAIN, metrics[C.KEY_NUM_EXAMPLES]))))
+    return out
+
+
+def mean_stats(stats: Iterable[tuple[ArrayRecord, float]]) -> ArrayRecord | None:
+    """Example-weighted mean of packed statistics (``None`` when there are none).
+
+    Flower's own weighted mean (the one FedAvg runs), so plain FedAvg gives the numbers it gave
+    when statistics travelled inside the strategy's record.
+    """
+    records = [
+        RecordDict({"stats": rec, "weight": MetricRecord({"w": w})}) for rec, w in stats if w > 0
+    ]
+    return aggregate_arrayrecords(records, "w") if records else None
 
 
 def merge(whole: ArrayRecord, part: ArrayRecord) -> ArrayRecord:

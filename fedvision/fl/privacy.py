@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp.strategy import (
@@ -43,7 +43,11 @@ from hydra.utils import get_class, instantiate
 from fedvision import constants as C
 from fedvision.engine.dpsgd import DPSGDConfig, check_dpsgd, check_dpsgd_model
 from fedvision.errors import FedvisionError
-from fedvision.privacy import SAMPLING_ASSUMPTION, ClientLevelAccountant
+from fedvision.privacy import (
+    SAMPLING_ASSUMPTION,
+    ClientLevelAccountant,
+    effective_noise_multiplier,
+)
 from strategies.sampling import sample_size
 
 # Where each Flower wrapper clips, as the round config tells the clients.
@@ -204,6 +208,7 @@ def check_privacy(cfg: Mapping[str, Any]) -> None:
                 "option (privacy=server_fixed, client_fixed, server_adaptive, client_adaptive)"
             )
     if mode != "none":
+        check_statistics_stay(cfg)
         z = noise_multiplier(cfg)
         if budget is not None:
             if z <= 0:
@@ -250,8 +255,34 @@ def check_privacy(cfg: Mapping[str, Any]) -> None:
         check_dpsgd_model(net)
 
 
-def accountant(cfg: Mapping[str, Any], releases: int = 0) -> ClientLevelAccountant | None:
-    """The run's client-level accountant (``None`` without client-level DP)."""
+def check_statistics_stay(cfg: Mapping[str, Any]) -> None:
+    """Refuse client-level DP where BatchNorm running statistics would travel.
+
+    The wrappers clip and noise parameters only; running statistics are means of each client's
+    features, and sending them un-noised would leak what the noise protects. Keeping them local
+    silently would evaluate the global model with stale statistics, so the user picks.
+    """
+    from fedvision.fl.parts import run_parts  # builds the model: only needed under DP
+
+    model = cfg["model"]
+    if run_parts(cfg, 2).stats:
+        raise FedvisionError(
+            f"client-level DP noises parameters only, but {model['name']} with "
+            f"model.finetune={model.get('finetune', 'full')} also sends BatchNorm running "
+            "statistics (averages of each client's data) un-noised: use model.finetune=head "
+            "(BatchNorm frozen), client.local_bn=true (FedBN keeps BatchNorm on the clients) or "
+            "a model without BatchNorm"
+        )
+
+
+def accountant(
+    cfg: Mapping[str, Any], records: Sequence[Mapping[str, Any]] = ()
+) -> ClientLevelAccountant | None:
+    """The run's client-level accountant (``None`` without client-level DP).
+
+    ``records`` are the rounds of ``metrics.jsonl`` a resumed run keeps: their releases are
+    composed again at the multiplier each was released at (``dp_noise_multiplier``).
+    """
     if client_level_mode(cfg) == "none":
         return None
     p = _privacy(cfg)
@@ -261,7 +292,27 @@ def accountant(cfg: Mapping[str, Any], releases: int = 0) -> ClientLevelAccounta
         num_sampled_clients(cfg) / int(cfg["num_clients"]),
         float(p.get("delta", 1e-5)),
         None if budget is None else float(budget),
-        releases=releases,
+        history=released_multipliers(noise_multiplier(cfg), records),
+    )
+
+
+def released_multipliers(z: float, records: Sequence[Mapping[str, Any]]) -> list[float]:
+    """The noise multiplier of each release recorded in ``records`` (``metrics.jsonl`` rows)."""
+    out = [float(r["dp_noise_multiplier"]) for r in records if "dp_noise_multiplier" in r]
+    count = int(records[-1].get("dp_releases", 0)) if records else 0
+    # Runs recorded before the per-round multiplier released every round at the configured z.
+    return out if len(out) == count else [z] * count
+
+
+def release_noise_multiplier(strategy: Strategy, sampled: int, replied: int) -> float:
+    """The multiplier the DP wrapper in ``strategy``'s chain releases ``replied`` updates at."""
+    chain = [strategy]
+    while (inner := getattr(chain[-1], "strategy", None)) is not None:
+        chain.append(inner)
+    wrapper = next(s for s in chain if type(s) in MODES)
+    # Adaptive wrappers keep the update's share z_u in noise_multiplier, and the count's noise.
+    return effective_noise_multiplier(
+        wrapper.noise_multiplier, sampled, replied, getattr(wrapper, "clipped_count_stddev", None)
     )
 
 
@@ -317,34 +368,26 @@ def check_equal_weights(replies: Iterable[Message]) -> None:
         )
 
 
-def nonnegative_variances(arrays: ArrayRecord) -> ArrayRecord:
-    """Clamp BatchNorm running variances at 0 after noise was added.
-
-    Gaussian noise on the aggregate can make a variance negative, and the global model's
-    evaluation then returns NaN; clamping is post-processing and costs no privacy.
-    """
-    out = {}
-    for k, a in arrays.items():
-        if k.endswith("running_var"):
-            a = Array(np.maximum(a.numpy(), 0.0).astype(np.float32, copy=False))
-        out[k] = a
-    return ArrayRecord(out)
-
-
 def privacy_record(
-    account: ClientLevelAccountant | None, replies: Iterable[Message]
+    account: ClientLevelAccountant | None,
+    replies: Iterable[Message],
+    released_at: float | None = None,
 ) -> dict[str, Any]:
     """A round's privacy figures for ``metrics.jsonl``.
 
     ``epsilon``: the run's client-level epsilon after this round (at ``privacy.delta``);
-    ``dp_releases``: noisy aggregates released so far; ``dpsgd_epsilon_max``: the largest
-    sample-level epsilon a client of this round reports for its own data (DP-SGD).
+    ``dp_releases``: noisy aggregates released so far; ``dp_noise_multiplier``: the multiplier
+    this round was released at (``released_at``: below the configured one when fewer clients
+    replied than were sampled); ``dpsgd_epsilon_max``: the largest sample-level epsilon a client
+    of this round reports for its own data (DP-SGD).
     """
     out: dict[str, Any] = {}
     if account is not None:
         eps = account.epsilon
         out["epsilon"] = eps if math.isfinite(eps) else None  # JSON has no infinity
         out["dp_releases"] = account.releases
+        if released_at is not None:
+            out["dp_noise_multiplier"] = released_at
     dpsgd = [
         float(m.content[C.KEY_METRICS][C.KEY_DPSGD_EPSILON])
         for m in replies
@@ -380,6 +423,10 @@ def privacy_summary(
             sample_rate=account.sample_rate,
             max_epsilon=account.max_epsilon,
             releases=account.releases,
+            # Rounds where fewer clients replied than were sampled: released at less noise.
+            releases_below_noise_multiplier=sum(
+                z < account.noise_multiplier for z in account.history
+            ),
             accountant="opacus.accountants.RDPAccountant",
             sampling=SAMPLING_ASSUMPTION,
         )

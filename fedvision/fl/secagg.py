@@ -34,9 +34,9 @@ from tqdm import tqdm
 from fedvision import constants as C
 from fedvision.data.partition import load_partition
 from fedvision.errors import FedvisionError
-from fedvision.fl.arrays import float32_arrays, layout_of, pack, unpack
+from fedvision.fl.arrays import float32_arrays, layout_of, unpack
 from fedvision.fl.checkpoint import Checkpoint, rng_state, save_checkpoint
-from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset
+from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset, travelling
 from fedvision.fl.privacy import client_level_mode, num_sampled_clients
 from fedvision.fl.round_config import lr_horizon, train_config
 from fedvision.fl.server import CentralEvaluator, link_or_copy, selection_key
@@ -200,7 +200,13 @@ class SecAggRounds:
         self.parts = run_parts(cfg, plan.num_classes)
         initial = torch.load(run_dir / C.RUN_INITIAL, map_location="cpu", weights_only=True)
         self.arrays = float32_arrays(initial)
-        self.layout = layout_of(subset(self.arrays, self.parts.shared))
+        # SecAgg+ sums every array it is given, weighted by example count: parameters and
+        # BatchNorm statistics travel as two masked arrays (FedAvg is the only rule here).
+        self.layouts = [
+            layout_of(subset(self.arrays, keys))
+            for keys in (self.parts.shared, self.parts.stats)
+            if keys
+        ]
         self.base_fp = base_fingerprint(self.arrays, self.parts)
         partition = load_partition(Path(plan.partition_file))
         # The weight of the largest client maps to ratio 1: every r_i <= 1, none overflows.
@@ -213,8 +219,8 @@ class SecAggRounds:
         )  # fmt: skip
 
     def initial_parameters(self) -> NDArrays:
-        """The packed shared part of the round-0 model (what travels)."""
-        return [pack(subset(self.arrays, self.parts.shared))[C.KEY_FLAT].numpy()]
+        """The packed parameters (and BatchNorm statistics) of the round-0 model: what travels."""
+        return travelling(self.arrays, self.parts)
 
     def fit_config(self, server_round: int) -> dict[str, Scalar]:
         """The round's train config (as the Message-API server sends) plus SecAgg+'s scale."""
@@ -241,9 +247,10 @@ class SecAggRounds:
     def evaluate(
         self, server_round: int, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """Record round ``server_round`` of the global model ``parameters`` (packed shared part)."""
-        flat = ArrayRecord({C.KEY_FLAT: Array(np.asarray(parameters[0], dtype=np.float32))})
-        self.arrays = merge(self.arrays, unpack(flat, self.layout))
+        """Record round ``server_round`` of the global model ``parameters`` (what travels)."""
+        for flat, layout in zip(parameters, self.layouts, strict=True):
+            packed = ArrayRecord({C.KEY_FLAT: Array(np.asarray(flat, dtype=np.float32))})
+            self.arrays = merge(self.arrays, unpack(packed, layout))
         fit, self.fit = self.fit, None
         record: dict[str, Any] = {"round": server_round}
         if server_round > 0:

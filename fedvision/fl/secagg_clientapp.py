@@ -19,8 +19,9 @@ from flwr.common import NDArrays, Scalar
 
 from fedvision import constants as C
 from fedvision.engine import evaluate, train_local
-from fedvision.fl.arrays import float32_arrays, pack
+from fedvision.fl.arrays import float32_arrays
 from fedvision.fl.clientapp import client_indices, load_global, node_settings
+from fedvision.fl.parts import travelling
 from fedvision.fl.round_config import to_train_config
 
 
@@ -37,8 +38,12 @@ class SecAggClient(NumPyClient):
 
     def _model(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[Any, Any, Any]:
         node = node_settings(self.node_context)
-        received = ArrayRecord({C.KEY_FLAT: Array(np.asarray(parameters[0], dtype=np.float32))})
-        model, parts, _ = load_global(config, received, node, self.node_context)
+        # The parameters, then (when BatchNorm layers train) their statistics: see travelling().
+        received = [
+            ArrayRecord({C.KEY_FLAT: Array(np.asarray(a, dtype=np.float32))}) for a in parameters
+        ]
+        stats = received[1] if len(received) > 1 else None
+        model, parts, _ = load_global(config, received[0], node, self.node_context, stats=stats)
         return node, model, parts
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
@@ -56,20 +61,25 @@ class SecAggClient(NumPyClient):
         result = train_local(
             model, cache.images, cache.labels, train_idx, to_train_config(config, pid), device
         )
-        state = model.state_dict()
-        new = pack(float32_arrays({k: state[k] for k in parts.shared}))[C.KEY_FLAT].numpy()
-        update = new.astype(np.float64) - np.asarray(parameters[0], dtype=np.float64)
+        new = travelling(float32_arrays(model.state_dict()), parts)
+        updates = [
+            a.astype(np.float64) - np.asarray(b, dtype=np.float64)
+            for a, b in zip(new, parameters, strict=True)
+        ]
         n = int(result.num_examples)
         metrics: dict[str, Scalar] = {
             C.KEY_PARTITION_ID: pid,
             C.KEY_TRAIN_LOSS: float(result.loss),
             C.KEY_TRAIN_ACC: float(result.accuracy),
             C.KEY_TRAIN_SECONDS: float(result.seconds),
-            C.KEY_SECAGG_CLIPPED: clipped_values(
-                update, n, float(config[C.KEY_SECAGG_MAX_WEIGHT]), float(config[C.KEY_SECAGG_CLIP])
+            C.KEY_SECAGG_CLIPPED: sum(
+                clipped_values(
+                    u, n, float(config[C.KEY_SECAGG_MAX_WEIGHT]), float(config[C.KEY_SECAGG_CLIP])
+                )
+                for u in updates
             ),
         }
-        return [update], n, metrics
+        return updates, n, metrics
 
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]

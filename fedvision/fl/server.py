@@ -6,9 +6,10 @@ validation data, metrics per round and a progress line. Sampling, configuring an
 are the strategy's (``strategies.sampling.SeededSampling`` around a Flower strategy); no
 training happens here, the global model is only evaluated.
 
-The server keeps the whole global model but hands the strategy only its shared part (what local
-training changes, minus FedBN's local BatchNorm: ``fedvision.fl.parts``), then merges the
-aggregate back, so any strategy aggregates exactly what travels.
+The server keeps the whole global model but hands the strategy only the parameters that train
+(minus FedBN's local BatchNorm: ``fedvision.fl.parts``), then merges the aggregate back, so any
+strategy aggregates exactly the parameters. BatchNorm running statistics travel beside them and
+are averaged here by example count; counters never travel.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from fedvision import constants as C
 from fedvision.data.cache import DecodedCache
 from fedvision.engine import evaluate, resolve_device
 from fedvision.errors import FedvisionError
-from fedvision.fl.algorithms import server_parameter_mask
 from fedvision.fl.arrays import float32_arrays, layout_of, pack, unpack
 from fedvision.fl.checkpoint import (
     Checkpoint,
@@ -46,14 +46,25 @@ from fedvision.fl.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset
+from fedvision.fl.parts import (
+    base_fingerprint,
+    local_bn,
+    mean_stats,
+    merge,
+    packed_stats,
+    run_parts,
+    subset,
+    take_stats,
+    with_stats,
+)
 from fedvision.fl.privacy import (
     accountant,
     check_equal_weights,
-    nonnegative_variances,
+    num_sampled_clients,
     privacy_record,
     privacy_round_config,
     privacy_summary,
+    release_noise_multiplier,
     server_clipping_norm,
     update_norm_record,
     wrap_strategy,
@@ -381,25 +392,26 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         restore_rng_state(ckpt.rng)
         arrays, start = ckpt.arrays(), ckpt.round
         history = [r for r in read_metrics(run_dir) if int(r["round"]) <= start]
+        dpsgd_steps = dict(ckpt.dpsgd_steps)
     else:
         initial = torch.load(run_dir / C.RUN_INITIAL, map_location="cpu", weights_only=True)
-        arrays, start, history = float32_arrays(initial), 0, []
+        arrays, start, history, dpsgd_steps = float32_arrays(initial), 0, [], {}
     recorder = RunRecorder(
         run_dir, history, select_on=select_on, tracker=build_tracker(cfg, run_dir)
     )
     system = SystemRound.build(cfg, run_dir, history)  # None under system=none
     # Client-level DP: released rounds so far (a resumed run continues the account).
-    dp_account = accountant(cfg, releases=int(history[-1].get("dp_releases", 0)) if history else 0)
+    dp_account = accountant(cfg, history)
+    dp_sampled = num_sampled_clients(cfg)
+    dpsgd = bool((cfg.get("privacy") or {}).get("dpsgd"))
     clip_norm = server_clipping_norm(cfg)
     stopped: str | None = None
     # The strategy sees only what training changes (and FedBN keeps BatchNorm on the clients);
     # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
     parts = run_parts(cfg, num_classes)
     base_fp = base_fingerprint(arrays, parts)
-    layout = layout_of(subset(arrays, parts.shared))  # how the packed shared part is cut up
-    # FedNova normalises trained parameters only, not BatchNorm's running statistics.
-    if callable(set_mask := getattr(base_strategy(strategy), "set_parameter_mask", None)):
-        set_mask(server_parameter_mask(cfg, num_classes, list(parts.shared)))
+    layout = layout_of(subset(arrays, parts.shared))  # how the packed parameters are cut up
+    stats_layout = layout_of(subset(arrays, parts.stats))  # and the packed BatchNorm statistics
     if start > 0 and parts.local:
         tqdm.write(
             "fedvision: FedBN resumes with every client's BatchNorm back at the initial weights "
@@ -420,6 +432,7 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             rng=rng_state(),
             best_round=best_round,
             best_value=best_value,
+            dpsgd_steps=dpsgd_steps,
         )
 
     if start == 0:
@@ -459,12 +472,16 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
                 C.KEY_BASE_FINGERPRINT: base_fp,
             }
         )
+        if dpsgd:  # each client's DP-SGD steps so far: its epsilon survives a resume
+            n = int(cfg["num_clients"])
+            config[C.KEY_DPSGD_PRIOR] = [int(dpsgd_steps.get(p, 0)) for p in range(n)]
         # Clients that restarted or reconnected come back under new node ids.
         joined = directory.refresh(grid)
         partition_of = dict(directory.partition_of)
         strategy.set_partitions(partition_of)
         shared = pack(subset(arrays, parts.shared))
-        messages = list(strategy.configure_train(rnd, shared, config, grid))
+        stats = packed_stats(arrays, parts)
+        messages = with_stats(strategy.configure_train(rnd, shared, config, grid), stats)
         pids = sorted(partition_of[m.metadata.dst_node_id] for m in messages)
         if system is not None:  # simulated devices: dropouts are not sent, step caps per client
             messages = system.plan(rnd, messages, partition_of)
@@ -500,19 +517,32 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             )
         # Counted before aggregating: some strategies empty the replies they aggregate.
         bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
+        for m in ok:  # what the clients trained with so far (late replies' steps count too)
+            if C.KEY_DPSGD_STEPS in m.content[C.KEY_METRICS]:
+                pid = partition_of[m.metadata.src_node_id]
+                dpsgd_steps[pid] = int(m.content[C.KEY_METRICS][C.KEY_DPSGD_STEPS])
+        client_stats = take_stats(ok)  # the strategy gets parameters only
         norms = update_norm_record(ok, shared, clip_norm)
         train_metrics = None
-        released = False
+        released_at: float | None = None  # the noise multiplier this round is released at
+        withheld: str | None = None
+        if aggregate and dp_account is not None:
+            check_equal_weights(ok)
+            # Flower's wrappers keep the noise of dp_sampled replies for fewer: account for it.
+            released_at = release_noise_multiplier(strategy, dp_sampled, len(ok))
+            if withheld := dp_account.exceeds(rnd, released_at):
+                aggregate, released_at = False, None
+                tqdm.write(f"fedvision: {withheld}; round {rnd} is not released", file=sys.stderr)
         if aggregate:
-            if dp_account is not None:
-                check_equal_weights(ok)
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 arrays = merge(arrays, unpack(float32_arrays(new_arrays), layout))
-                released = True
-        if dp_account is not None and released:
-            dp_account.step()
-            arrays = nonnegative_variances(arrays)
+                if (mean := mean_stats(client_stats)) is not None:
+                    arrays = merge(arrays, unpack(mean, stats_layout))
+                if released_at is not None:
+                    dp_account.step(released_at)
+            else:
+                released_at = None
         record: dict[str, Any] = {
             "round": rnd,
             "train_loss": train_metrics.get(C.KEY_TRAIN_LOSS) if train_metrics else None,
@@ -526,7 +556,9 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         }
         record.update(sim_record)
         record.update(norms)
-        record.update(privacy_record(dp_account, ok))
+        record.update(privacy_record(dp_account, ok, released_at))
+        if withheld:
+            record["dp_withheld"] = withheld
         if failures:
             record["failures"] = failures
         if not aggregate:
@@ -539,8 +571,8 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             record["clients_new_bn"] = sum(
                 int(m.content[C.KEY_METRICS].get(C.KEY_NEW_BN, 0)) for m in ok
             )
-        shared = pack(subset(arrays, parts.shared))
-        record.update(_federated_evaluate(grid, strategy, shared, config, rnd, timeout))
+        shared, stats = pack(subset(arrays, parts.shared)), packed_stats(arrays, parts)
+        record.update(_federated_evaluate(grid, strategy, shared, stats, config, rnd, timeout))
         if rnd % int(cfg["eval_every"]) == 0 or rnd == num_rounds:
             record.update(evaluator(arrays))
         best_round, best_value = recorder.best_with(record)
@@ -578,6 +610,7 @@ def _federated_evaluate(
     grid: Grid,
     strategy: Strategy,
     arrays: ArrayRecord,
+    stats: ArrayRecord | None,
     config: ConfigRecord,
     rnd: int,
     timeout: float,
@@ -586,7 +619,7 @@ def _federated_evaluate(
 
     Under FedBN each client evaluates its own model: the shared weights with its BatchNorm.
     """
-    messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
+    messages = with_stats(strategy.configure_evaluate(rnd, arrays, config, grid), stats)
     if not messages:
         return {}
     replies = [

@@ -1,11 +1,21 @@
-"""Which state-dict entries of a model local training changes, and which are BatchNorm's.
+"""Which state-dict entries of a model local training changes, and what kind each one is.
 
 Federated fine-tuning sends only what changes (``head``/``last_k`` freeze the backbone) and FedBN
-keeps BatchNorm layers on the clients; both need the same split of a model's state dict:
+keeps BatchNorm layers on the clients. What does change is of three kinds with three rules:
 
-- ``shared``: entries that training changes and that travel to the server to be aggregated;
+- ``shared``: the *parameters* that train and travel: what the Flower strategy aggregates, DP
+  clips and noises, robust rules compare, server optimisers step and update norms measure;
+- ``stats``: the *running statistics* (mean, variance) of the BatchNorm layers that train: they
+  travel in their own packed array and the server takes their example-weighted mean outside the
+  strategy; never clipped, noised or stepped (they are no gradient step);
+- ``counters``: BatchNorm's ``num_batches_tracked``: never sent. With a ``momentum`` (every
+  torchvision model) BatchNorm never reads it; averaged as a float it would dominate every update
+  norm and distance by the local step count.
+
+and two that stay put:
+
 - ``local``: entries that training changes but that stay with each client (FedBN: the BatchNorm
-  layers that train, with their running statistics);
+  layers that train, parameters and statistics);
 - ``frozen``: entries that training never changes; both sides take them from the same base
   weights, which :func:`fingerprint` checks.
 """
@@ -20,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedvision.errors import FedvisionError
 from fedvision.models.factory import set_train_mode
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -31,7 +42,9 @@ class ModelParts:
 
     Attributes
     ----------
-    shared : sent both ways and aggregated by the strategy.
+    shared : trained parameters, sent both ways and aggregated by the strategy.
+    stats : running statistics of trained BatchNorm layers, sent both ways, example-weighted mean.
+    counters : ``num_batches_tracked`` of trained BatchNorm layers, never sent.
     local : changed by training but kept by each client (FedBN), never sent.
     frozen : never changed by training, never sent.
     """
@@ -39,10 +52,17 @@ class ModelParts:
     shared: tuple[str, ...]
     local: tuple[str, ...]
     frozen: tuple[str, ...]
+    stats: tuple[str, ...] = ()
+    counters: tuple[str, ...] = ()
 
     @property
     def unsent(self) -> tuple[str, ...]:
-        """Keys a client completes from its base weights (``local`` first seen, ``frozen``)."""
+        """Keys a client completes from its base weights (``local`` first seen, ``frozen``).
+
+        Counters are not among them: no layer reads them (``momentum`` is set, checked by
+        :func:`trained_keys`), so a client keeps whatever its model holds and needs no base file
+        for them.
+        """
         return self.local + self.frozen
 
 
@@ -70,6 +90,13 @@ def trained_keys(model: nn.Module) -> list[str]:
         changing = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
         for name, m in model.named_modules():
             if isinstance(m, _BATCHNORM) and m.training:
+                if m.momentum is None:
+                    # A cumulative average reads num_batches_tracked, which never travels.
+                    raise FedvisionError(
+                        f"BatchNorm layer {name!r} has momentum=None (a cumulative average over "
+                        "num_batches_tracked), which federated rounds do not keep; give it a "
+                        "momentum or freeze it (model.finetune=head)"
+                    )
                 prefix = f"{name}." if name else ""
                 changing |= {prefix + b for b, _ in m.named_buffers(recurse=False)}
     finally:
@@ -79,7 +106,7 @@ def trained_keys(model: nn.Module) -> list[str]:
 
 
 def split_parts(model: nn.Module, *, local_bn: bool = False) -> ModelParts:
-    """Split ``model``'s state dict into shared, local and frozen keys.
+    """Split ``model``'s state dict into shared, stats, counters, local and frozen keys.
 
     Parameters
     ----------
@@ -90,12 +117,19 @@ def split_parts(model: nn.Module, *, local_bn: bool = False) -> ModelParts:
     """
     trained = trained_keys(model)
     bn = set(batchnorm_keys(model)) if local_bn else set()
-    changed = set(trained)
+    buffers = {n for n, _ in model.named_buffers()}
+    moving = [k for k in trained if k not in bn]
     return ModelParts(
-        shared=tuple(k for k in trained if k not in bn),
+        shared=tuple(k for k in moving if k not in buffers),
+        stats=tuple(k for k in moving if k in buffers and not _is_counter(k)),
+        counters=tuple(k for k in moving if k in buffers and _is_counter(k)),
         local=tuple(k for k in trained if k in bn),
-        frozen=tuple(k for k in model.state_dict() if k not in changed),
+        frozen=tuple(k for k in model.state_dict() if k not in set(trained)),
     )
+
+
+def _is_counter(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] == "num_batches_tracked"
 
 
 def fingerprint(state: Mapping[str, torch.Tensor | np.ndarray], keys: Iterable[str]) -> str:

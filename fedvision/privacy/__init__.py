@@ -4,6 +4,10 @@ The Flower side (strategy wrappers, client clipping mods, round config) is
 ``fedvision.fl.privacy``; sample-level DP-SGD is ``fedvision.engine.dpsgd``.
 """
 
-from fedvision.privacy.accounting import SAMPLING_ASSUMPTION, ClientLevelAccountant
+from fedvision.privacy.accounting import (
+    SAMPLING_ASSUMPTION,
+    ClientLevelAccountant,
+    effective_noise_multiplier,
+)
 
-__all__ = ["SAMPLING_ASSUMPTION", "ClientLevelAccountant"]
+__all__ = ["SAMPLING_ASSUMPTION", "ClientLevelAccountant", "effective_noise_multiplier"]

@@ -2,15 +2,18 @@
 
 Each round that releases a noisy aggregate is one sampled Gaussian mechanism with noise multiplier
 ``z`` (noise std ``z * C / m`` on the mean of ``m`` updates clipped to ``C``: sensitivity ``C / m``)
-and sampling rate ``q = m / num_clients``. Opacus' analysis assumes Poisson sampling (each client
-joins a round with probability ``q``); fedvision samples exactly ``m`` clients without replacement
-(seeded). The reported epsilon is the Poisson-sampling figure for the same ``q``; with ``q = 1``
-(every client every round) there is no amplification and the two coincide.
+and sampling rate ``q = m / num_clients``. A round where only ``m' < m`` clients replied (dropout,
+a deadline, a timeout) is released at ``z * m' / m``: Flower's wrappers keep the noise of ``m``.
+Opacus' analysis assumes Poisson sampling (each client joins a round with probability ``q``);
+fedvision samples exactly ``m`` clients without replacement (seeded). The reported epsilon is the
+Poisson-sampling figure for the same ``q``; with ``q = 1`` (every client every round) there is no
+amplification and the two coincide.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 from fedvision.errors import FedvisionError
 
@@ -20,8 +23,38 @@ SAMPLING_ASSUMPTION = (
 )
 
 
+def effective_noise_multiplier(
+    noise_multiplier: float,
+    sampled: int,
+    replied: int,
+    clipped_count_stddev: float | None = None,
+) -> float:
+    """The noise multiplier of a release that averaged ``replied`` of ``sampled`` clipped updates.
+
+    Flower's wrappers add noise of std ``z * C / m`` (``m = sampled``) to the mean of the ``m'``
+    updates that came, whose sensitivity is ``C / m'``: the update is released at ``z * m' / m``.
+    With adaptive clipping ``noise_multiplier`` is the update's share ``z_u`` and the clipped
+    count carries noise of std ``clipped_count_stddev`` on a count of sensitivity 1 (unchanged by
+    ``m'``); the pair composes as one Gaussian mechanism of multiplier
+    ``((z_u m'/m)^-2 + (2 sigma_b)^-2)^-1/2`` (Andrew et al. 2021, Theorem 1), which is the
+    configured ``z`` when every client replied.
+    """
+    if not 0 < replied <= sampled:
+        raise FedvisionError(f"a release needs 1..{sampled} replies, got {replied}")
+    z_update = float(noise_multiplier) * replied / sampled
+    if clipped_count_stddev is None:
+        return z_update
+    if z_update <= 0 or clipped_count_stddev <= 0:
+        return 0.0
+    return (z_update**-2 + (2.0 * float(clipped_count_stddev)) ** -2) ** -0.5
+
+
 class ClientLevelAccountant:
-    """Cumulative client-level epsilon of a run, and whether the next round fits the budget.
+    """Cumulative client-level epsilon of a run, and whether the next release fits the budget.
+
+    Each released round is composed at the noise multiplier it was released at (see
+    :func:`effective_noise_multiplier`): the configured ``z`` when all sampled clients replied,
+    less when some did not.
 
     Parameters
     ----------
@@ -29,7 +62,7 @@ class ClientLevelAccountant:
     sample_rate : ``q`` = clients per round / num_clients, in (0, 1].
     delta : the delta epsilon is reported at, in (0, 1).
     max_epsilon : stop before a round would take epsilon above this; ``None``: no budget.
-    releases : rounds already released (a resumed run replays them).
+    history : the noise multiplier of each round released so far (a resumed run replays them).
     """
 
     def __init__(
@@ -38,7 +71,7 @@ class ClientLevelAccountant:
         sample_rate: float,
         delta: float,
         max_epsilon: float | None = None,
-        releases: int = 0,
+        history: Iterable[float] = (),
     ) -> None:
         if not 0 < sample_rate <= 1:
             raise FedvisionError(f"client sampling rate {sample_rate} must lie in (0, 1]")
@@ -48,38 +81,50 @@ class ClientLevelAccountant:
         self.sample_rate = float(sample_rate)
         self.delta = float(delta)
         self.max_epsilon = None if max_epsilon is None else float(max_epsilon)
-        self.releases = int(releases)
+        self.history = [float(z) for z in history]
 
-    def epsilon_after(self, releases: int) -> float:
-        """Epsilon at ``delta`` after ``releases`` rounds (``inf`` without noise)."""
-        if releases <= 0:
+    @property
+    def releases(self) -> int:
+        """Rounds released so far."""
+        return len(self.history)
+
+    def epsilon_of(self, multipliers: Sequence[float]) -> float:
+        """Epsilon at ``delta`` of releases at these noise multipliers (``inf`` if one is 0)."""
+        if not multipliers:
             return 0.0
-        if self.noise_multiplier <= 0:
+        if min(multipliers) <= 0:
             return math.inf
         # Imported here: Opacus loads torch.distributed and scipy (seconds), and a run without
         # client-level DP never needs it.
         from opacus.accountants import RDPAccountant
 
         accountant = RDPAccountant()
-        for _ in range(releases):  # Opacus merges identical steps into one history entry
-            accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        for z in multipliers:  # Opacus merges identical steps into one history entry
+            accountant.step(noise_multiplier=z, sample_rate=self.sample_rate)
         return float(accountant.get_epsilon(self.delta))
+
+    def epsilon_after(self, releases: int) -> float:
+        """Epsilon after ``releases`` rounds at the configured multiplier (``inf``: no noise)."""
+        return self.epsilon_of([self.noise_multiplier] * max(releases, 0))
 
     @property
     def epsilon(self) -> float:
         """Epsilon spent by the rounds released so far."""
-        return self.epsilon_after(self.releases)
+        return self.epsilon_of(self.history)
 
-    def step(self) -> float:
-        """Count one released round; return the epsilon spent now."""
-        self.releases += 1
+    def step(self, noise_multiplier: float | None = None) -> float:
+        """Count one release at ``noise_multiplier`` (default: the configured); return epsilon."""
+        z = self.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
+        self.history.append(z)
         return self.epsilon
 
-    def next_round_exceeds(self, server_round: int) -> str | None:
-        """Why round ``server_round`` must not run (it would pass ``max_epsilon``), or ``None``."""
+    def exceeds(self, server_round: int, noise_multiplier: float | None = None) -> str | None:
+        """Why round ``server_round`` must not be released at ``noise_multiplier`` (the
+        configured one by default) without passing ``max_epsilon``, or ``None``."""
         if self.max_epsilon is None:
             return None
-        nxt = self.epsilon_after(self.releases + 1)
+        z = self.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
+        nxt = self.epsilon_of([*self.history, z])
         if nxt <= self.max_epsilon:
             return None
         return (
@@ -87,3 +132,7 @@ class ClientLevelAccountant:
             f"privacy.max_epsilon={self.max_epsilon:g} (delta={self.delta:g}); spent "
             f"epsilon={self.epsilon:.4g}"
         )
+
+    def next_round_exceeds(self, server_round: int) -> str | None:
+        """Why round ``server_round`` must not run (at the configured multiplier), or ``None``."""
+        return self.exceeds(server_round)
