@@ -26,6 +26,9 @@ def test_the_config_groups_are_the_documented_ones():
     assert len(_options("strategy")) == 14  # Flower's 12, SCAFFOLD and FedNova
 
 
+_CLIENT_LEVEL = ("server_fixed", "client_fixed", "server_adaptive", "client_adaptive")
+
+
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g in GROUPS for o in _options(g)], ids=lambda x: str(x)
 )
@@ -37,6 +40,8 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
         ("data", "imagenet"): ["data.root=/data/imagenet"],
         ("runtime", "deployment"): ["runtime.insecure=true"],
         ("system", "trace"): [f"system.trace={trace}"],
+        # Client-level DP sends parameters only: BatchNorm must not train (or stay local).
+        **{("privacy", o): ["model.finetune=head"] for o in _CLIENT_LEVEL},
     }.get((group, option), [])
     cfg = compose_config([f"{group}={option}", *extra])
     plain = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

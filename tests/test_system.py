@@ -291,12 +291,19 @@ def test_deadline_drop_aggregates_only_the_clients_in_time(dataset, tmp_path):
     ]
     # Both trained (the server only learns at the deadline); the global model is partition 1's.
     replies = {
-        m.metadata.dst_node_id: r for m, r, _ in grid.log if m.metadata.message_type == "train"
+        m.metadata.dst_node_id: (r, sent)
+        for (m, r, _), sent in zip(grid.log, grid.replied, strict=True)
+        if m.metadata.message_type == "train"
     }
     assert sorted(replies) == [1000, 1001]
     latest = torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["model"]
-    shapes = {k: tuple(t.shape) for k, t in latest.items()}
-    fast = unpack(replies[1001].content[C.KEY_ARRAYS], shapes).to_torch_state_dict()
+    stats = ("running_mean", "running_var")
+    params = {k: tuple(t.shape) for k, t in latest.items() if not k.endswith((*stats, "tracked"))}
+    stat_shapes = {k: tuple(t.shape) for k, t in latest.items() if k.endswith(stats)}
+    reply, sent = replies[1001]
+    fast = unpack(reply.content[C.KEY_ARRAYS], params).to_torch_state_dict()
+    fast.update(unpack(sent[C.KEY_BN_STATS], stat_shapes).to_torch_state_dict())
+    assert len(fast) == len(params) + len(stat_shapes) > 0
     for k, t in fast.items():
         torch.testing.assert_close(latest[k], t.float())
     system = json.loads((run_dir / C.RUN_SYSTEM).read_text())
