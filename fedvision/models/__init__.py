@@ -1,4 +1,4 @@
-"""Model layer: torchvision architectures, offline weights, fine-tune modes."""
+"""Model layer: torchvision and registered architectures, offline weights, fine-tune modes."""
 
 from fedvision.models.factory import (
     FINETUNE_MODES,
@@ -19,17 +19,23 @@ from fedvision.models.parts import (
     split_parts,
     trained_keys,
 )
+from fedvision.models.registry import ARCHITECTURES, Architecture, fixed_input_size
+from fedvision.models.simple_cnn import SimpleCNN
 
 __all__ = [
+    "ARCHITECTURES",
     "FINETUNE_MODES",
+    "Architecture",
     "LoadReport",
     "ModelParts",
+    "SimpleCNN",
     "apply_finetune",
     "batchnorm_keys",
     "build_model",
     "build_model_reporting",
     "find_head",
     "fingerprint",
+    "fixed_input_size",
     "list_architectures",
     "model_num_bytes",
     "set_train_mode",

@@ -1,4 +1,5 @@
-"""Build torchvision classifiers with a new head, load weights offline, freeze for fine-tuning."""
+"""Build classifiers (torchvision's and a few more) with a new head, load weights offline, freeze
+for fine-tuning."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torchvision
 from torch import nn
 
 from fedvision.errors import FedvisionError
+from fedvision.models.registry import ARCHITECTURES
 
 FINETUNE_MODES: tuple[str, ...] = ("full", "head", "last_k")
 # Top-level attributes that hold the classification head, tried in this order.
@@ -23,8 +25,12 @@ _AUX_LOGITS: frozenset[str] = frozenset({"googlenet", "inception_v3"})
 
 
 def list_architectures() -> list[str]:
-    """Return the names of torchvision's classification architectures, sorted."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    """Return the names of every buildable architecture, sorted.
+
+    torchvision's classification architectures plus the entries of
+    :data:`fedvision.models.registry.ARCHITECTURES` (e.g. ``simple_cnn``).
+    """
+    return sorted({*torchvision.models.list_models(module=torchvision.models), *ARCHITECTURES})
 
 
 def _check_name(name: str) -> None:
@@ -45,7 +51,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     Parameters
     ----------
     model
-        A torchvision classifier.
+        A classifier from :func:`build_model` (torchvision's or a registered one).
 
     Returns
     -------
@@ -285,19 +291,22 @@ def build_model(
     last_k: int = 1,
     allow_head_mismatch: bool = True,
 ) -> nn.Module:
-    """Build a torchvision classifier with a ``num_classes`` head.
+    """Build a classifier with a ``num_classes`` head.
 
     Parameters
     ----------
     name
-        Any name from :func:`list_architectures` (e.g. ``resnet18``, ``mobilenet_v3_small``).
+        Any name from :func:`list_architectures` (e.g. ``resnet18``, ``mobilenet_v3_small``,
+        ``simple_cnn``).
     num_classes
         Number of output classes of the new head.
     weights
         ``none`` (random init; seed with ``torch.manual_seed`` first), ``imagenet`` (torchvision's
-        DEFAULT weights read from ``torch.hub.get_dir()/checkpoints``, never downloaded), or a path
-        to a checkpoint saved with ``torch.save`` (a state dict, or ``{"model": ...}`` /
-        ``{"state_dict": ...}``).
+        DEFAULT weights read from ``torch.hub.get_dir()/checkpoints``, never downloaded; only
+        torchvision architectures have them), or a path to a checkpoint saved with
+        ``torch.save`` (a state dict, or ``{"model": ...}`` / ``{"state_dict": ...}``). A
+        checkpoint whose head has other classes (e.g. ImageNet's 1000) loads as a backbone:
+        see ``allow_head_mismatch``.
     finetune
         One of :data:`FINETUNE_MODES`, see :func:`apply_finetune`.
     last_k
@@ -345,9 +354,19 @@ def build_model_reporting(
     extra = {"aux_logits": False} if name in _AUX_LOGITS else {}
     report = None
     if weights == "imagenet":
+        if name in ARCHITECTURES:
+            raise FedvisionError(
+                f"{name} has no ImageNet weights ({ARCHITECTURES[name].reference}); use "
+                "weights=none or the path of a checkpoint of it"
+            )
         model = _build_imagenet(name, num_classes, extra)
     else:
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
+        if name in ARCHITECTURES:
+            model = ARCHITECTURES[name].build(num_classes)
+        else:
+            model = torchvision.models.get_model(
+                name, weights=None, num_classes=num_classes, **extra
+            )
         if _head_classes(find_head(model)[1]) != num_classes:
             _replace_head(model, num_classes)
         if weights != "none":
