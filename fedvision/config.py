@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -31,3 +32,13 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
             return compose(config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise FedvisionError(str(exc).strip().splitlines()[0]) from exc
+
+
+def model_normalise(cfg: Mapping[str, Any]) -> str:
+    """How the config's model expects its inputs normalised (``model.normalise``).
+
+    ``imagenet`` (mean/std: torchvision's weights and the built-in pretraining) unless the model
+    config says otherwise (``none`` for NIID-Bench's simple_cnn); configs saved before the key
+    existed normalised with ImageNet's mean/std.
+    """
+    return str(cfg["model"].get("normalise", "imagenet"))

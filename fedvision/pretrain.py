@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedvision import constants as C
 from fedvision.atomic import write_json_atomic
-from fedvision.config import CONF_DIR, compose_config
+from fedvision.config import CONF_DIR, compose_config, model_normalise
 from fedvision.data.cache import DecodedCache
 from fedvision.data.partition import holdout_split
 from fedvision.engine import (
@@ -66,6 +66,7 @@ def recipe_train_config(cfg: DictConfig, epoch: int = 0) -> TrainConfig:
         momentum=float(r.momentum),
         weight_decay=float(r.weight_decay),
         augment=str(r.augment),
+        normalise=model_normalise(cfg),
         label_smoothing=float(r.label_smoothing),
         seed=int(cfg.seed) * 100_003 + epoch,
     )
@@ -216,11 +217,17 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
         )
         opt_state = res.optimizer_state
         bs = int(cfg.eval_batch_size)
-        ev = evaluate(model, train.images, train.labels, val_idx, batch_size=bs, device=device)
+        norm = model_normalise(cfg)
+        ev = evaluate(
+            model, train.images, train.labels, val_idx, batch_size=bs, device=device,
+            normalise=norm,
+        )  # fmt: skip
         te = (
             None
             if test is None
-            else evaluate(model, test.images, test.labels, batch_size=bs, device=device)
+            else evaluate(
+                model, test.images, test.labels, batch_size=bs, device=device, normalise=norm
+            )
         )
         elapsed0 += time.perf_counter() - t0
         rec = {
@@ -340,6 +347,9 @@ def pretrained_key(cfg: DictConfig, dataset_fingerprint: str) -> str:
     for key in _NOT_IN_KEY:
         plain.pop(key, None)
     plain["data"].pop("workers", None)
+    if plain["model"].get("normalise", "imagenet") == "imagenet":
+        # The only normalisation before model.normalise existed: cached models keep their key.
+        plain["model"].pop("normalise", None)
     blob = {"version": PRETRAIN_VERSION, "config": plain, "dataset": dataset_fingerprint}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 

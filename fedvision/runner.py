@@ -53,7 +53,14 @@ from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.secagg import check_secagg
 from fedvision.fl.server import check_strategy
 from fedvision.fl.system_round import check_system
-from fedvision.models import LoadReport, build_model, build_model_reporting, list_architectures
+from fedvision.models import (
+    ARCHITECTURES,
+    LoadReport,
+    build_model,
+    build_model_reporting,
+    fixed_input_size,
+    list_architectures,
+)
 from fedvision.report.heatmap import plot_partition_heatmap
 from fedvision.report.tracking import check_tracking
 from fedvision.rundir import (
@@ -153,6 +160,16 @@ def check_config(cfg: DictConfig) -> Runtime:
         raise FedvisionError(f"model.finetune={cfg.model.finetune!r}: use full, head or last_k")
     if cfg.model.finetune == "last_k":  # the range depends on the architecture's blocks
         build_model(str(cfg.model.name), 2, finetune="last_k", last_k=int(cfg.model.last_k))
+    size = fixed_input_size(str(cfg.model.name))
+    if size is not None and int(cfg.data.size) != size:
+        raise FedvisionError(
+            f"model {cfg.model.name} takes {size}x{size} images, but data.size={cfg.data.size}; "
+            f"set data.size={size}"
+        )
+    if str(cfg.model.name) in ARCHITECTURES and str(cfg.model.get("weights")) == "imagenet":
+        raise FedvisionError(
+            f"model {cfg.model.name} has no ImageNet weights; use model.weights=none or a path"
+        )
     check_weights(cfg.model, cfg.data)
     check_local_bn(plain)  # FedBN: a model with BatchNorm that trains, clients that evaluate
     horizon = lr_horizon(plain)

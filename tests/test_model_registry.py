@@ -140,3 +140,31 @@ def test_simple_cnn_checkpoint_round_trip_and_new_head(tmp_path: Path) -> None:
     assert report is not None and report.reinitialised == ("fc3.weight", "fc3.bias")
     assert torch.equal(other.fc2.weight, src.fc2.weight) and other.fc3.out_features == 4
     assert "the checkpoint's head has 10 classes, this model 4" in report.summary()
+
+
+def test_the_models_normalisation_travels_to_the_clients_and_the_engine():
+    from omegaconf import OmegaConf
+
+    from fedvision.config import compose_config
+    from fedvision.engine import evaluate
+    from fedvision.fl.round_config import to_train_config, train_config
+
+    def record(*overrides: str) -> dict:
+        cfg = OmegaConf.to_container(compose_config(list(overrides)), resolve=True)
+        return {**train_config(cfg, 1, 10), "server-round": 1}
+
+    raw = record("model=simple_cnn", "data.size=32")
+    assert raw["normalise"] == "none" and to_train_config(raw, 0).normalise == "none"
+    assert record()["normalise"] == "imagenet"  # the default model keeps ImageNet's mean/std
+    # The engine evaluates on raw [0, 1] pixels when told so: the logits are model(x / 255).
+    torch.manual_seed(0)
+    model = build_model("simple_cnn", 3).eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        logits = model(images.float() / 255)
+    want = float(torch.nn.functional.cross_entropy(logits, labels))
+    got = evaluate(model, images.numpy(), labels.numpy(), device="cpu", normalise="none")
+    assert got.loss == pytest.approx(want, rel=1e-5)
+    normalised = evaluate(model, images.numpy(), labels.numpy(), device="cpu")
+    assert normalised.loss != pytest.approx(want, rel=1e-3)

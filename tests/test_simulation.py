@@ -294,6 +294,12 @@ def test_resume_of_a_wrong_path_creates_nothing(tmp_path, capsys):
         ({"server_val_fraction": 1.0}, "server_val_fraction"),
         ({"model.finetune": "last_k", "model.last_k": 9}, "last_k=9 is out of range"),
         ({"model.weights": "/no/such/weights.pt"}, "no such file"),
+        ({"model": "simple_cnn", "data.size": 16}, "takes 32x32 images, but data.size=16"),
+        (
+            {"model": "simple_cnn", "data.size": 32, "model.weights": "imagenet"},
+            "no ImageNet weights",
+        ),
+        ({"model.normalise": "zca"}, "normalise must be one of imagenet, none"),
     ],
 )
 def test_impossible_settings_fail_before_data_work_or_ray(dataset, tmp_path, extra, message):

@@ -30,7 +30,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 def test_presets_constant() -> None:
-    assert PRESETS == ("none", "light", "standard")
+    assert PRESETS == ("none", "light", "standard", "cifar")
 
 
 @pytest.mark.parametrize("preset", ["none", "light"])

@@ -30,6 +30,7 @@ from fedvision.compress.prune import (
     prune_global_unstructured,
 )
 from fedvision.compress.quantize import BACKEND, quantize_int8
+from fedvision.config import model_normalise
 from fedvision.data.cache import DecodedCache
 from fedvision.data.transforms import build_eval_transform
 from fedvision.engine import TrainConfig, evaluate, train_local
@@ -141,9 +142,11 @@ def _say(msg: str, progress: bool) -> None:
         print(f"compress: {msg}", file=sys.stderr, flush=True)
 
 
-def _batches(images: np.ndarray, idx: np.ndarray, size: int) -> Iterator[torch.Tensor]:
+def _batches(
+    images: np.ndarray, idx: np.ndarray, size: int, normalise: str
+) -> Iterator[torch.Tensor]:
     """Normalised float batches of ``images[idx]``, as evaluation sees them."""
-    transform = build_eval_transform(None)
+    transform = build_eval_transform(None, normalise)
     for i in range(0, len(idx), size):
         yield transform(torch.from_numpy(np.asarray(images[np.sort(idx[i : i + size])])))
 
@@ -202,6 +205,7 @@ def compress_run(
     # The server's validation images stay unseen by the fine-tune and the calibration.
     pool = np.setdiff1d(np.arange(len(train)), held)
     seed = int(cfg.get("seed", 0))
+    norm = model_normalise(cfg)  # as the run's model was trained
 
     _say(f"{arch} from {weights}", progress)
     # Strict: a head of another size would otherwise be replaced silently by a random one.
@@ -250,7 +254,7 @@ def compress_run(
         rng = np.random.default_rng(seed)
         calib = rng.choice(pool, size=min(spec.calib_images, len(pool)), replace=False)
         _say(f"int8 ({BACKEND} FX PTQ), calibrating on {len(calib)} training images", progress)
-        q = quantize_int8(copy.deepcopy(base), _batches(train.images, calib, 64))
+        q = quantize_int8(copy.deepcopy(base), _batches(train.images, calib, 64, norm))
         payload = {"int8_model": q.state_dict(), "backend": BACKEND, "image_size": test.size}
         variants.append(
             _Variant(
@@ -258,9 +262,10 @@ def compress_run(
             )
         )
 
-    rows = [_measure(v, test, int(cfg.get("eval_batch_size", 256)), progress) for v in variants]
+    bs = int(cfg.get("eval_batch_size", 256))
+    rows = [_measure(v, test, bs, norm, progress) for v in variants]
     batch = min(spec.batch, len(test))
-    x = next(_batches(test.images, np.arange(batch), batch))
+    x = next(_batches(test.images, np.arange(batch), batch, norm))
     models = {v.name: v.model for v in variants}
     _say(
         f"latency: {spec.repeats} repeats, {spec.threads} thread(s), batch 1 and {batch}", progress
@@ -312,6 +317,7 @@ def _finetune(
         epochs=spec.finetune_epochs,
         max_steps=None,
         lr=spec.finetune_lr,
+        normalise=model_normalise(cfg),
         seed=seed,
     )
     _say(
@@ -325,11 +331,14 @@ def _finetune(
             "train_accuracy": res.accuracy, "seconds": res.seconds}  # fmt: skip
 
 
-def _measure(v: _Variant, test: DecodedCache, batch_size: int, progress: bool) -> dict[str, Any]:
+def _measure(
+    v: _Variant, test: DecodedCache, batch_size: int, normalise: str, progress: bool
+) -> dict[str, Any]:
     _say(f"evaluating {v.name} on {len(test)} test images", progress)
     res = evaluate(
-        v.model, test.images, test.labels, batch_size=batch_size, device="cpu", progress=progress
-    )
+        v.model, test.images, test.labels, batch_size=batch_size, device="cpu",
+        normalise=normalise, progress=progress,
+    )  # fmt: skip
     params, nonzeros = count_parameters(v.model)
     return {
         "variant": v.name,

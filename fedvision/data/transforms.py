@@ -18,10 +18,7 @@ import torch.nn.functional as F
 
 from fedvision.errors import FedvisionError
 
-PRESETS: tuple[str, ...] = ("none", "light", "standard")
-# Every preset build_train_transform accepts. PRESETS stays the original three because callers
-# (and a test) pin it; code that validates ``client.augment`` should check ALL_PRESETS.
-ALL_PRESETS: tuple[str, ...] = (*PRESETS, "cifar")
+PRESETS: tuple[str, ...] = ("none", "light", "standard", "cifar")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # Name -> (mean, std) per channel, or None for raw [0, 1] pixels.
@@ -293,7 +290,7 @@ def build_train_transform(
     Parameters
     ----------
     preset
-        One of :data:`ALL_PRESETS`: ``none`` (eval transform), ``light`` (flip + random resized
+        One of :data:`PRESETS`: ``none`` (eval transform), ``light`` (flip + random resized
         crop with scale (0.8, 1)), ``standard`` (flip + random resized crop with scale (0.35, 1) +
         brightness/contrast/saturation jitter 0.4), ``cifar`` (reflect-pad 4 + random crop back to
         the image size + flip, for 32 px images).
@@ -317,7 +314,7 @@ def build_train_transform(
     if preset == "cifar":
         return PadCropTransform(padding=4, out_size=out_size, normalise=normalise)
     raise FedvisionError(
-        f"unknown augmentation preset {preset!r}; choose one of {', '.join(ALL_PRESETS)}"
+        f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}"
     )
 
 

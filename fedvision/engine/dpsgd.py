@@ -200,7 +200,7 @@ def train_local_dpsgd(
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     total = int(total)
-    transform = build_train_transform(cfg.augment, cfg.image_size)
+    transform = build_train_transform(cfg.augment, cfg.image_size, cfg.normalise)
 
     model.to(device)
     frozen = freeze_batchnorm(model)

@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedvision.data.transforms import PRESETS, build_eval_transform, build_train_transform
+from fedvision.data.transforms import (
+    NORMALISATIONS,
+    PRESETS,
+    build_eval_transform,
+    build_train_transform,
+)
 from fedvision.engine.device import resolve_device
 from fedvision.engine.objectives import proximal_term
 from fedvision.errors import FedvisionError
@@ -49,6 +54,9 @@ class TrainConfig:
         FedProx coefficient; 0 = plain FedAvg local training.
     augment
         Augmentation preset, one of ``fedvision.data.transforms.PRESETS``.
+    normalise
+        Input normalisation, a key of ``fedvision.data.transforms.NORMALISATIONS``: ``imagenet``
+        (mean/std, what torchvision's weights expect) or ``none`` (raw [0, 1], NIID-Bench).
     seed
         Drives data order, augmentation and dropout of this call.
     amp, channels_last
@@ -66,6 +74,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     proximal_mu: float = 0.0
     augment: str = "light"
+    normalise: str = "imagenet"
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
@@ -94,6 +103,10 @@ class TrainConfig:
             problems.append("momentum, weight_decay and proximal_mu must be >= 0")
         if self.augment not in PRESETS:
             problems.append(f"augment must be one of {', '.join(PRESETS)} (got {self.augment!r})")
+        if self.normalise not in NORMALISATIONS:
+            problems.append(
+                f"normalise must be one of {', '.join(NORMALISATIONS)} (got {self.normalise!r})"
+            )
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
         if self.image_size is not None and self.image_size < 1:
@@ -307,7 +320,7 @@ def train_local(
     on_cuda = device.type == "cuda"
     amp = cfg.amp and on_cuda
     channels_last = cfg.channels_last and on_cuda
-    transform = build_train_transform(cfg.augment, cfg.image_size)
+    transform = build_train_transform(cfg.augment, cfg.image_size, cfg.normalise)
 
     model.to(device)
     if channels_last:
@@ -437,6 +450,7 @@ def evaluate(
     batch_size: int = 256,
     device: torch.device | str,
     image_size: int | None = None,
+    normalise: str = "imagenet",
     amp: bool = True,
     progress: bool = False,
 ) -> EvalResult:
@@ -456,6 +470,8 @@ def evaluate(
         Where to evaluate.
     image_size
         Resize to this side length; ``None`` keeps the cache's size.
+    normalise
+        Input normalisation (as the model trained with, :class:`TrainConfig`'s ``normalise``).
     amp
         bf16 autocast on CUDA.
     progress
@@ -478,7 +494,7 @@ def evaluate(
         batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if n == 0:
         return EvalResult(loss=0.0, accuracy=0.0, num_examples=0)
-    transform = build_eval_transform(image_size)
+    transform = build_eval_transform(image_size, normalise)
     model.to(device).eval()
     amp = amp and device.type == "cuda"
     loss_sum = torch.zeros((), device=device)

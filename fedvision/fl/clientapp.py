@@ -326,7 +326,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cache, _, val_idx = client_indices(node)
     model, _, _ = _load_global(msg, node, context)
     device = next(model.parameters()).device
-    res = evaluate(model, cache.images, cache.labels, val_idx, device=device)
+    record = msg.content[C.KEY_CONFIG]
+    res = evaluate(
+        model, cache.images, cache.labels, val_idx, device=device,
+        normalise=str(record.get("normalise", "imagenet")),
+    )  # fmt: skip
     metrics = MetricRecord(
         {
             # A client without a local validation part reports weight 0 (it cannot vote).

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedvision import constants as C
+from fedvision.config import model_normalise
 from fedvision.engine.train import TrainConfig
 from fedvision.errors import FedvisionError
 
@@ -69,6 +70,7 @@ def train_config(
         "momentum": float(client.get("momentum", 0.0)),
         "weight-decay": float(client.get("weight_decay", 0.0)),
         "augment": str(client.get("augment", "none")),
+        "normalise": model_normalise(cfg),
         "seed": int(cfg["seed"]),
     }
 
@@ -92,6 +94,8 @@ def to_train_config(record: Mapping[str, Any], partition_id: int) -> TrainConfig
         # FedProx's configure_train adds this key; FedAvg leaves it out.
         proximal_mu=float(record.get(C.KEY_PROXIMAL_MU, 0.0)),
         augment=str(record["augment"]),
+        # Runs prepared before normalisation was a choice sent none: ImageNet mean/std.
+        normalise=str(record.get("normalise", "imagenet")),
         seed=client_seed(int(record["seed"]), int(record[C.KEY_SERVER_ROUND]), partition_id),
     )
 

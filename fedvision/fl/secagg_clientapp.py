@@ -88,8 +88,9 @@ class SecAggClient(NumPyClient):
         node, model, _ = self._model(parameters, config)
         cache, _, val_idx = client_indices(node)
         res = evaluate(
-            model, cache.images, cache.labels, val_idx, device=next(model.parameters()).device
-        )
+            model, cache.images, cache.labels, val_idx, device=next(model.parameters()).device,
+            normalise=str(config.get("normalise", "imagenet")),
+        )  # fmt: skip
         return float(res.loss), int(res.num_examples), {C.KEY_VAL_ACC: float(res.accuracy)}
 
 

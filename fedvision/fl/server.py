@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from tqdm import tqdm
 
 from fedvision import constants as C
+from fedvision.config import model_normalise
 from fedvision.data.cache import DecodedCache
 from fedvision.engine import evaluate, resolve_device
 from fedvision.errors import FedvisionError
@@ -241,6 +242,7 @@ class CentralEvaluator:
     def __init__(self, cfg: Mapping[str, Any], plan: RunPlan) -> None:
         self.device = resolve_device(str(cfg["device"]))
         self.batch_size = int(cfg["eval_batch_size"])
+        self.normalise = model_normalise(cfg)
         self.model = build_model(str(cfg["model"]["name"]), plan.num_classes).to(self.device)
         self.test = DecodedCache.open(plan.test_cache)
         self.train = DecodedCache.open(plan.train_cache)
@@ -249,7 +251,7 @@ class CentralEvaluator:
     def _eval(self, cache: DecodedCache, idx: np.ndarray | None) -> tuple[float, float]:
         res = evaluate(
             self.model, cache.images, cache.labels, idx, batch_size=self.batch_size,
-            device=self.device,
+            device=self.device, normalise=self.normalise,
         )  # fmt: skip
         return float(res.accuracy), float(res.loss)
 
