@@ -178,9 +178,9 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
     train, train_idx, val_idx, test = _splits(cfg)
     classes = list(train.class_names)
     device = resolve_device(str(cfg.device))
-    weights = str(cfg.model.weights)
-    if weights == "pretrained":
-        weights = str(ensure_pretrained(str(cfg.model.name), int(cfg.data.size)))
+    from fedvision.runner import resolve_weights  # runner imports this module
+
+    weights = resolve_weights(cfg)  # pretrained: the built-in backbone (data.root: the best start)
     torch.manual_seed(int(cfg.seed))
     model = build_model(
         str(cfg.model.name),

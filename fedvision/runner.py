@@ -59,6 +59,7 @@ from fedvision.models import (
     build_model,
     build_model_reporting,
     fixed_input_size,
+    imagenet_weights_file,
     list_architectures,
 )
 from fedvision.report.heatmap import plot_partition_heatmap
@@ -269,13 +270,7 @@ def check_weights(model: DictConfig, data: DictConfig) -> None:
     if weights in ("none", "imagenet"):
         return
     if weights == PRETRAINED:
-        if data.root is not None:
-            raise FedvisionError(
-                "model.weights=pretrained is the model pretrained on the built-in source classes; "
-                "with data.root use model.weights=imagenet, none, or the checkpoint_best.pt of a "
-                "`fedvision pretrain` run"
-            )
-        return
+        return  # with data.root: the best start available (resolve_weights)
     if not Path(weights).expanduser().is_file():
         raise FedvisionError(
             f"model.weights={weights}: no such file; use none, imagenet, pretrained or the path "
@@ -284,12 +279,35 @@ def check_weights(model: DictConfig, data: DictConfig) -> None:
 
 
 def resolve_weights(cfg: DictConfig) -> str:
-    """``model.weights`` as a path for the model factory (``pretrained``: the cached model)."""
+    """``model.weights`` as a path for the model factory (``pretrained``: the cached model).
+
+    On the built-in dataset ``pretrained`` is the model pretrained on its source classes. On a
+    user's own data (``data.root``) it is the best start on this machine: torchvision's ImageNet
+    weights when their file is in the torch hub cache, else that built-in backbone (generic
+    shapes and textures, disjoint from any user's classes); one line says which and how to pick.
+    """
     if str(cfg.model.weights) != PRETRAINED:
         return str(cfg.model.weights)
+    name = str(cfg.model.name)
+    if cfg.data.root is not None:
+        file = imagenet_weights_file(name)
+        if file is not None and file.is_file():
+            print(
+                f"fedvision: model.weights=pretrained with data.root: starting from ImageNet "
+                f"weights ({file}); model.weights=none or a checkpoint path picks another start",
+                file=sys.stderr,
+            )
+            return "imagenet"
+        print(
+            f"fedvision: model.weights=pretrained with data.root: no ImageNet weights for {name} "
+            f"on this machine ({file or 'torchvision has none'}), starting from the built-in "
+            "backbone (pretrained on the generated source classes); model.weights=imagenet, none "
+            "or a checkpoint path picks another start",
+            file=sys.stderr,
+        )
     from fedvision.pretrain import ensure_pretrained
 
-    path = ensure_pretrained(str(cfg.model.name), int(cfg.data.size), progress=bool(cfg.progress))
+    path = ensure_pretrained(name, int(cfg.data.size), progress=bool(cfg.progress))
     return str(path)
 
 

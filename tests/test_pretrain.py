@@ -154,7 +154,7 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(
         ({"recipe.optimizer": "adam"}, "use sgd or adamw"),
         ({"recipe.label_smoothing": 1.0}, "label_smoothing"),
         ({"recipe.epochs": 0}, "epochs=0"),
-        ({"model.weights": "pretrained"}, "built-in source classes"),  # with data.root
+        ({"model.weights": "/no/such.pt"}, "no such file"),
     ],
 )
 def test_impossible_recipes_are_refused_before_data_work(dataset, tmp_path, extra, message):
@@ -189,10 +189,33 @@ def test_the_pretrained_model_is_cached_by_what_determines_it(dataset, monkeypat
     assert other != first and len(made) == 2 and other.is_file()
 
 
-def test_run_with_built_in_pretrained_weights_refuses_a_folder_dataset(dataset, tmp_path):
+def test_pretrained_on_a_users_folder_takes_the_best_start_and_says_which(
+    dataset, tmp_path, monkeypatch, capsys
+):
+    from fedvision.models import imagenet_weights_file
+    from fedvision.runner import check_weights, resolve_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(P, "ensure_pretrained", lambda arch, size, progress=True: Path("/b.pt"))
     cfg = compose_config([f"data.root={dataset}", "model.weights=pretrained", "progress=false"])
-    with pytest.raises(FedvisionError, match="built-in source classes"):
-        run_experiment(cfg, tmp_path / "run")
+    check_weights(cfg.model, cfg.data)  # no longer refused
+    # No ImageNet file on this machine: the built-in backbone, said in one line.
+    assert resolve_weights(cfg) == "/b.pt"
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "built-in backbone" in err and "model.weights=imagenet" in err
+    # torchvision's file in the hub cache: ImageNet weights (no download: the file is there).
+    file = imagenet_weights_file("shufflenet_v2_x0_5")
+    assert file is not None and str(tmp_path / "torch") in str(file)
+    file.parent.mkdir(parents=True)
+    file.write_bytes(b"")
+    assert resolve_weights(cfg) == "imagenet"
+    assert "starting from ImageNet weights" in capsys.readouterr().err
+    # The built-in dataset keeps its own pretrained model, whatever the hub cache holds.
+    assert resolve_weights(compose_config(["model.weights=pretrained"])) == "/b.pt"
+    assert imagenet_weights_file("simple_cnn") is None
+
+
+def test_run_with_a_missing_checkpoint_on_a_folder_dataset_fails_first(dataset, tmp_path):
     cfg = compose_config([f"data.root={dataset}", f"model.weights={tmp_path / 'nope.pt'}"])
     with pytest.raises(FedvisionError, match="no such file"):
         run_experiment(cfg, tmp_path / "run")

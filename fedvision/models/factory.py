@@ -93,6 +93,15 @@ def _head_classes(head: nn.Module) -> int:
     return head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
 
 
+def imagenet_weights_file(name: str) -> Path | None:
+    """Where torchvision's ImageNet weights of ``name`` live in the torch hub cache, or ``None``
+    when the architecture has none (it may or may not be there: nothing is downloaded)."""
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        return None
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
 def _build_imagenet(name: str, num_classes: int, extra: dict) -> nn.Module:
     weights = torchvision.models.get_model_weights(name).DEFAULT
     folder = Path(torch.hub.get_dir()) / "checkpoints"
