@@ -122,6 +122,21 @@ def _partition(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _download(ns: argparse.Namespace) -> int:
+    from fedvision.data.download import download_dataset, format_download
+
+    result = download_dataset(
+        ns.dataset,
+        ns.out,
+        size=ns.size,
+        url=ns.url,
+        archive=ns.archive,
+        progress=not ns.quiet,
+    )
+    print(format_download(result))
+    return 0
+
+
 def _report(ns: argparse.Namespace) -> int:
     from fedvision.report.table import write_report
 
@@ -459,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--quiet", action="store_true", help="no progress on stderr")
     cli.set_defaults(handler=_client)
 
-    data = sub.add_parser("data", help="generate, check, prepare and partition datasets")
+    data = sub.add_parser("data", help="generate, check, prepare, partition and download datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     g = dsub.add_parser(
@@ -522,6 +537,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=Path("partitions"), help="output folder")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(handler=_partition)
+
+    w = dsub.add_parser(
+        "download",
+        help="download Imagenette, Imagewoof or CIFAR-10 into an ImageNet-style tree",
+        description="Download fastai's Imagenette or Imagewoof (160 px, 320 px or full size) or "
+        "CIFAR-10 into DIR: resumable (DIR/.partial/), verified (the published checksum where "
+        "one is known, else a full read of the archive; its sha256 is printed and written to "
+        "DIR/<archive>.sha256) and unpacked atomically. Imagenette/Imagewoof keep fastai's "
+        "train/<wnid>/*.JPEG and val/ layout; CIFAR-10 becomes DIR/cifar10/{train,val}/<class>/ "
+        "PNGs (val = the official test batch). A complete folder is skipped. Offline, pass "
+        "--archive FILE downloaded elsewhere.",
+    )
+    w.add_argument("dataset", choices=("imagenette", "imagewoof", "cifar10"))
+    w.add_argument("--out", type=Path, required=True, metavar="DIR", help="receives the dataset")
+    w.add_argument(
+        "--size",
+        choices=("160", "320", "full"),
+        default=None,
+        help="imagenette/imagewoof image size (160)",
+    )
+    w.add_argument("--url", default=None, help="download from this address (a mirror)")
+    w.add_argument(
+        "--archive", type=Path, default=None, metavar="FILE", help="use this archive, no download"
+    )
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+    w.set_defaults(handler=_download)
     return p
 
 

@@ -9,12 +9,19 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedvision.errors import FedvisionError
+from fedvision.paths import shared_data_dir
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# `${shared_data:imagenette}` in a config: a path under the shared data folder (the experiments
+# name their data this way, so they run from any working directory). OmegaConf's resolvers are
+# process-wide by design; registering the same function again is a no-op.
+OmegaConf.register_new_resolver(
+    "shared_data", lambda sub="": str(shared_data_dir() / str(sub)), replace=True
+)
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:

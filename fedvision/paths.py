@@ -20,3 +20,17 @@ def builtin_dataset_dir() -> Path:
 def cache_root() -> Path:
     """Return the folder under which decoded caches live, one sub-folder per source and size."""
     return fedvision_home() / "cache"
+
+
+def shared_data_dir() -> Path:
+    """Return the folder of the real datasets and weights kept beside the project (not in it).
+
+    ``$FEDVISION_SHARED_DATA`` when set, else ``../shared/data`` next to the repository, where
+    the project's machines and CI keep Imagenette, CIFAR-10 and the ImageNet weights. A user's
+    clone has no such folder: configs that name it fail with a clear "no such folder" line, and
+    tests that need it skip.
+    """
+    env = os.environ.get("FEDVISION_SHARED_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "data"

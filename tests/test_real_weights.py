@@ -9,7 +9,6 @@ fresh clone). The transform tests below it run everywhere.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from fedvision.data.transforms import (
 )
 from fedvision.errors import FedvisionError
 from fedvision.models import build_model, build_model_reporting
+from fedvision.paths import shared_data_dir
 
 SHARED_DATA_ENV = "FEDVISION_SHARED_DATA"
 WEIGHTS_FILE = Path("weights") / "mobilenet_v2_imagenet.pth"
@@ -52,12 +52,6 @@ IMAGENETTE_INDEX: dict[str, int] = {
 IMAGE_SIZE = 128
 EVERY = 8  # every 8th val image per class (sorted file names): 496 images, ~12 s per pass
 MIN_ACCURACY = 0.9  # measured 0.946 with the centre-crop eval transform (0.927 with a plain resize)
-
-
-def shared_data_dir() -> Path:
-    """Return ``$FEDVISION_SHARED_DATA``, default ``<repo>/../shared/data`` (may not exist)."""
-    env = os.environ.get(SHARED_DATA_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared/data"
 
 
 def _require(path: Path) -> Path:
