@@ -443,12 +443,28 @@ def hydra_main(cfg: DictConfig) -> float | None:
     timings = {"start": _process_start() if first_job else time.time(), "imported": time.time()}
     run_dir = Path(hc.runtime.output_dir)
     try:
-        if cfg.resume is not None:
+        earlier = (
+            sweep_job_state(run_dir, cfg)
+            if hc.mode == RunMode.MULTIRUN and cfg.resume is None
+            else "new"
+        )
+        if earlier == "finished":
+            summary = json.loads((run_dir / C.RUN_SUMMARY).read_text())
+            print(f"fedvision: {run_dir} finished earlier with this config: skip", file=sys.stderr)
+            return summary.get("val_accuracy_best")
+        if earlier == "resumable":  # a sweep stopped mid-run: continue from its checkpoint
+            print(f"fedvision: {run_dir} stopped earlier: resuming it", file=sys.stderr)
+            cfg, changes = resumed_config(run_dir, cfg, [])
+            summary = run_experiment(cfg, run_dir, resume_changes=changes, timings=timings)
+        elif cfg.resume is not None:
             run_dir = check_resume_dir(str(cfg.resume))
             cfg, changes = resumed_config(run_dir, cfg, list(hc.overrides.task))
             summary = run_experiment(cfg, run_dir, resume_changes=changes, timings=timings)
         else:
             summary = run_experiment(cfg, run_dir, timings=timings)
+    except SweepJobTaken as exc:  # another run's directory: left exactly as it is
+        print(f"fedvision: error: {exc}; the sweep goes on", file=sys.stderr)
+        return None
     except Exception as exc:
         if hc.mode != RunMode.MULTIRUN:
             if isinstance(exc, FedvisionError):
@@ -462,6 +478,59 @@ def hydra_main(cfg: DictConfig) -> float | None:
         return None
     print(json.dumps({k: v for k, v in summary.items() if k != "timings"}))
     return summary.get("val_accuracy_best")
+
+
+class SweepJobTaken(FedvisionError):
+    """A sweep job's directory holds a run of another config (nothing may be written there)."""
+
+
+# Keys that do not change what a run computes: a re-run sweep may differ in them.
+_NOT_IN_RUN = ("progress", "verbose", "resume")
+
+
+def sweep_job_state(run_dir: Path, cfg: DictConfig) -> str:
+    """What a sweep job's directory holds from an earlier attempt of the same sweep.
+
+    ``new`` (nothing, or a run that never reached round 1: start it over), ``finished`` (skip
+    it), ``resumable`` (a checkpoint of an unfinished run: continue it). A directory that holds a
+    run of another config raises :class:`SweepJobTaken`: a sweep re-run with other values must
+    go to another ``hydra.sweep.dir``, never over old results.
+    """
+    if not (run_dir / C.RUN_CONFIG).is_file():
+        return "new"
+    saved = load_run_config(run_dir)
+    want = OmegaConf.to_container(cfg, resolve=True)
+    if want["client"].get("lr_horizon") is None:  # fixed to num_rounds when a run starts
+        want["client"]["lr_horizon"] = int(want["num_rounds"])
+    if saved["client"].get("lr_horizon") is None:  # a run that failed before it was fixed
+        saved["client"]["lr_horizon"] = int(saved["num_rounds"])
+    old, new = _flatten(saved), _flatten(want)
+    differ = sorted(
+        k
+        for k in old.keys() | new.keys()
+        if k.split(".")[0] not in _NOT_IN_RUN and old.get(k) != new.get(k)
+    )
+    if differ:
+        raise SweepJobTaken(
+            f"{run_dir} holds a run of another config ({', '.join(differ[:3])} differ); sweep "
+            "into a new hydra.sweep.dir or remove that directory"
+        )
+    status = read_status(run_dir) or {}
+    if status.get("status") == "finished" and (run_dir / C.RUN_SUMMARY).is_file():
+        return "finished"
+    if (run_dir / C.CKPT_LATEST).is_file() and (run_dir / C.RUN_PLAN).is_file():
+        return "resumable"
+    return "new"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def record_failed_job(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:

@@ -378,3 +378,50 @@ def test_a_real_sweep_reports_what_its_runs_summarised(dataset, tmp_path):
     assert int(rows["num_rounds=0"]["not_finished"]) == 2
     for d in finished:  # TensorBoard mirrors each round of metrics.jsonl
         assert any((d / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_sweep_run_again_skips_finished_runs_and_resumes_a_stopped_one(dataset, tmp_path, capsys):
+    """A long grid finished in several sittings, as on a preemptible cluster."""
+    sweep = tmp_path / "sweep"
+    args = [a for a in overrides(dataset, **{"client.local_epochs": 1}) if "num_rounds" not in a]
+    command = ["run", "-m", *args, "num_rounds=2", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    assert cli_main(command) == 0
+    done, stopped = sweep / "0", sweep / "1"
+    # Job 1 as a preempted run leaves it after round 1: its checkpoint says round 1 (the round-2
+    # weights stand in for round 1's), metrics.jsonl ends with round 1, no status or summary.
+    ckpt = torch.load(stopped / C.CKPT_LATEST, weights_only=True)
+    ckpt["round"] = 1
+    torch.save(ckpt, stopped / C.CKPT_LATEST)
+    kept = (stopped / C.RUN_METRICS).read_text().splitlines(keepends=True)[:2]
+    (stopped / C.RUN_METRICS).write_text("".join(kept))
+    for name in (C.RUN_STATUS, C.RUN_SUMMARY):
+        (stopped / name).unlink()
+
+    def files(d):  # fedvision's files (Hydra rewrites its own .hydra/ record on every launch)
+        return {
+            p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file() and ".hydra" not in p.parts
+        }
+
+    before = files(done)
+    capsys.readouterr()
+
+    assert cli_main(command) == 0  # the same command, the same sweep directory
+    err = capsys.readouterr().err
+    assert f"{done} finished earlier with this config: skip" in err
+    assert f"{stopped} stopped earlier: resuming it" in err
+    assert files(done) == before
+    lines = (stopped / C.RUN_METRICS).read_text().splitlines(keepends=True)
+    assert lines[:2] == kept and [json.loads(x)["round"] for x in lines] == [0, 1, 2]
+    resumes = (stopped / C.RUN_RESUMES).read_text().splitlines()
+    assert len(resumes) == 1 and json.loads(resumes[0])["after_round"] == 1
+    assert json.loads((stopped / C.RUN_STATUS).read_text())["status"] == "finished"
+    jobs = json.loads((sweep / C.SWEEP_SUMMARY).read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["finished", "finished"]
+
+    # Another value into the same sweep directory: refused, the old runs left as they are.
+    other = [a if a != "num_rounds=2" else "num_rounds=3" for a in command]
+    cli_main(other)
+    assert "holds a run of another config (client.lr_horizon, num_rounds differ)" in (
+        capsys.readouterr().err
+    )
+    assert files(done) == before
