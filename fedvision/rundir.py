@@ -113,3 +113,14 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
     """The server's last status, or None when it never wrote one."""
     path = run_dir / C.RUN_STATUS
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b.c": value}`` (how runs are compared and grouped)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

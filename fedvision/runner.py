@@ -67,6 +67,7 @@ from fedvision.report.tracking import check_tracking
 from fedvision.rundir import (
     RunPlan,
     append_resume,
+    flatten,
     load_run_config,
     read_plan,
     read_status,
@@ -504,7 +505,7 @@ def sweep_job_state(run_dir: Path, cfg: DictConfig) -> str:
         want["client"]["lr_horizon"] = int(want["num_rounds"])
     if saved["client"].get("lr_horizon") is None:  # a run that failed before it was fixed
         saved["client"]["lr_horizon"] = int(saved["num_rounds"])
-    old, new = _flatten(saved), _flatten(want)
+    old, new = flatten(saved), flatten(want)
     differ = sorted(
         k
         for k in old.keys() | new.keys()
@@ -521,16 +522,6 @@ def sweep_job_state(run_dir: Path, cfg: DictConfig) -> str:
     if (run_dir / C.CKPT_LATEST).is_file() and (run_dir / C.RUN_PLAN).is_file():
         return "resumable"
     return "new"
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def record_failed_job(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:

@@ -121,11 +121,8 @@ def test_take_stats_leaves_one_array_record_and_weighs_by_the_real_count():
     np.testing.assert_allclose(mean, [3.25] * 3)  # (1 * 1 + 3 * 4) / 4, not the equal-weight 2.5
 
 
-class KrumGrid(PushPull):
-    """Four nodes: three send equal parameters with other sizes and statistics, one an outlier."""
-
-    sizes = (10, 20, 30, 40)
-    stat_values = (1.0, 2.0, 3.0, 4.0)
+class FourNodes(PushPull):
+    """Four scripted nodes (partitions 0-3); ``train_content`` answers each train message."""
 
     def get_node_ids(self):
         return [101, 102, 103, 104]
@@ -135,25 +132,40 @@ class KrumGrid(PushPull):
         for m in messages:
             i = m.metadata.dst_node_id - 101
             if m.metadata.message_type == "query":
-                metrics = MetricRecord({C.KEY_PARTITION_ID: i})
-                replies.append(Message(RecordDict({"metrics": metrics}), reply_to=m))
-                continue
-            flat = m.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy()
-            moved = flat + (np.float32(5.0) if i == 3 else np.float32(0.01))
-            stats = m.content[C.KEY_BN_STATS][C.KEY_FLAT].numpy()
-            content = RecordDict(
-                {
-                    C.KEY_ARRAYS: ArrayRecord({C.KEY_FLAT: Array(moved.astype(np.float32))}),
-                    C.KEY_BN_STATS: ArrayRecord(
-                        {C.KEY_FLAT: Array(np.full_like(stats, self.stat_values[i]))}
-                    ),
-                    C.KEY_METRICS: MetricRecord(
-                        {C.KEY_NUM_EXAMPLES: self.sizes[i], C.KEY_NUM_TRAIN: self.sizes[i]}
-                    ),
-                }
-            )
-            replies.append(Message(content, reply_to=m))
+                content = RecordDict({"metrics": MetricRecord({C.KEY_PARTITION_ID: i})})
+            else:
+                content = self.train_content(m, i)
+            if content is not None:  # None: no reply within the round's timeout
+                replies.append(Message(content, reply_to=m))
         return replies
+
+    def train_content(self, m: Message, i: int) -> RecordDict | None:
+        raise NotImplementedError
+
+
+def _moved(m: Message, by: float) -> ArrayRecord:
+    flat = m.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy()
+    return ArrayRecord({C.KEY_FLAT: Array((flat + np.float32(by)).astype(np.float32))})
+
+
+class KrumGrid(FourNodes):
+    """Three send equal parameters with other sizes and statistics, one an outlier."""
+
+    sizes = (10, 20, 30, 40)
+    stat_values = (1.0, 2.0, 3.0, 4.0)
+
+    def train_content(self, m, i):
+        stats = m.content[C.KEY_BN_STATS][C.KEY_FLAT].numpy()
+        n = self.sizes[i]
+        return RecordDict(
+            {
+                C.KEY_ARRAYS: _moved(m, 5.0 if i == 3 else 0.01),
+                C.KEY_BN_STATS: ArrayRecord(
+                    {C.KEY_FLAT: Array(np.full_like(stats, self.stat_values[i]))}
+                ),
+                C.KEY_METRICS: MetricRecord({C.KEY_NUM_EXAMPLES: n, C.KEY_NUM_TRAIN: n}),
+            }
+        )
 
 
 def test_krum_compares_parameters_only_and_statistics_are_example_weighted(dataset, tmp_path):
@@ -284,34 +296,18 @@ def _dp_dir(dataset, tmp_path, *extra):
     )  # fmt: skip
 
 
-class EchoGrid(PushPull):
-    """Four nodes that send the parameters back moved a little (equal weights, as under DP);
-    partitions 2 and 3 do not reply in ``silent_round``."""
+class EchoGrid(FourNodes):
+    """Send the parameters back moved a little (equal weights, as under DP); partitions 2 and 3
+    do not reply in ``silent_round``."""
 
     silent_round = 1
-    silent_nodes = (103, 104)
 
-    def get_node_ids(self):
-        return [101, 102, 103, 104]
-
-    def send_and_receive(self, messages, timeout):
-        replies = []
-        for m in messages:
-            i = m.metadata.dst_node_id - 101
-            if m.metadata.message_type == "query":
-                metrics = MetricRecord({C.KEY_PARTITION_ID: i})
-                replies.append(Message(RecordDict({"metrics": metrics}), reply_to=m))
-                continue
-            rnd = m.content[C.KEY_CONFIG][C.KEY_SERVER_ROUND]
-            if rnd == self.silent_round and m.metadata.dst_node_id in self.silent_nodes:
-                continue  # no reply within the round's timeout
-            metrics = MetricRecord({C.KEY_NUM_EXAMPLES: 1, C.KEY_NUM_TRAIN: 10 + i})
-            # A small move: Flower's DP clipping fails on an all-zero update.
-            moved = m.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy() + np.float32(1e-3 * (i + 1))
-            arrays = ArrayRecord({C.KEY_FLAT: Array(moved.astype(np.float32))})
-            content = RecordDict({C.KEY_ARRAYS: arrays, C.KEY_METRICS: metrics})
-            replies.append(Message(content, reply_to=m))
-        return replies
+    def train_content(self, m, i):
+        if m.content[C.KEY_CONFIG][C.KEY_SERVER_ROUND] == self.silent_round and i >= 2:
+            return None
+        metrics = MetricRecord({C.KEY_NUM_EXAMPLES: 1, C.KEY_NUM_TRAIN: 10 + i})
+        # A small move: Flower's DP clipping fails on an all-zero update.
+        return RecordDict({C.KEY_ARRAYS: _moved(m, 1e-3 * (i + 1)), C.KEY_METRICS: metrics})
 
 
 def test_a_dp_round_with_half_the_replies_is_accounted_at_half_the_noise(dataset, tmp_path):

@@ -25,7 +25,7 @@ import numpy as np
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
 from fedvision.report.metrics import read_metrics
-from fedvision.rundir import load_run_config, read_status
+from fedvision.rundir import flatten, load_run_config, read_status
 
 # Keys that do not change a run's numbers (or that a group averages over: the seed).
 IGNORED = ("seed", "partition.seed", "resume", "progress", "verbose", "device", "data.workers")
@@ -46,16 +46,6 @@ class Run:
     partition: dict[str, Any] = field(default_factory=dict)  # partition.json: fingerprint, TV
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
     """Run directories at or below ``paths`` (Hydra's multirun folders included), sorted."""
     found: set[Path] = set()
@@ -74,7 +64,7 @@ def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
 
 def load_run(path: Path) -> Run:
     """Read one run directory: its settings, status, summary and per-round records."""
-    flat = _flatten(load_run_config(path))
+    flat = flatten(load_run_config(path))
     settings = {
         k: v for k, v in flat.items() if k not in IGNORED and not k.startswith(IGNORED_PREFIXES)
     }
