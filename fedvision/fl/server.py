@@ -494,6 +494,10 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             exchange(grid, messages, timeout) if messages else [], partition_of
         )
         ok = [m for m in replies if not m.has_error()]
+        for m in ok:  # each client's DP-SGD steps so far, late replies' included (they trained)
+            if C.KEY_DPSGD_STEPS in m.content[C.KEY_METRICS]:
+                pid = partition_of[m.metadata.src_node_id]
+                dpsgd_steps[pid] = int(m.content[C.KEY_METRICS][C.KEY_DPSGD_STEPS])
         failures = _failures(messages, replies, partition_of)
         if not ok and messages:
             raise FedvisionError(
@@ -519,10 +523,6 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
             )
         # Counted before aggregating: some strategies empty the replies they aggregate.
         bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
-        for m in ok:  # what the clients trained with so far (late replies' steps count too)
-            if C.KEY_DPSGD_STEPS in m.content[C.KEY_METRICS]:
-                pid = partition_of[m.metadata.src_node_id]
-                dpsgd_steps[pid] = int(m.content[C.KEY_METRICS][C.KEY_DPSGD_STEPS])
         client_stats = take_stats(ok)  # the strategy gets parameters only
         norms = update_norm_record(ok, shared, clip_norm)
         train_metrics = None
