@@ -1,9 +1,9 @@
-"""Model weights as they travel in Flower messages: one float32 ArrayRecord.
+"""Model weights as they travel in Flower messages: packed float32 ArrayRecords.
 
-Flower's strategies do float arithmetic on every array they aggregate. Sent as is, BatchNorm's
-integer ``num_batches_tracked`` makes QFedAvg fail (in-place float maths on an int array), and
-FedAdam/FedYogi/FedAdagrad return float64 arrays, which doubles every later download. Sending and
-keeping every array as float32 avoids both; ``load_state_dict`` casts the counter back to int.
+Flower's strategies do float arithmetic on every array they aggregate, and FedAdam/FedYogi/
+FedAdagrad return float64 arrays, which would double every later download. Sending and keeping
+every array as float32 avoids that. The server's global model keeps BatchNorm's integer counters
+as float32 too (they never travel); ``load_state_dict`` casts them back to int.
 """
 
 from __future__ import annotations

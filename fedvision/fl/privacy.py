@@ -43,6 +43,7 @@ from hydra.utils import get_class, instantiate
 from fedvision import constants as C
 from fedvision.engine.dpsgd import DPSGDConfig, check_dpsgd, check_dpsgd_model
 from fedvision.errors import FedvisionError
+from fedvision.fl.checkpoint import strategy_chain
 from fedvision.privacy import (
     SAMPLING_ASSUMPTION,
     ClientLevelAccountant,
@@ -306,10 +307,7 @@ def released_multipliers(z: float, records: Sequence[Mapping[str, Any]]) -> list
 
 def release_noise_multiplier(strategy: Strategy, sampled: int, replied: int) -> float:
     """The multiplier the DP wrapper in ``strategy``'s chain releases ``replied`` updates at."""
-    chain = [strategy]
-    while (inner := getattr(chain[-1], "strategy", None)) is not None:
-        chain.append(inner)
-    wrapper = next(s for s in chain if type(s) in MODES)
+    wrapper = next(s for s in strategy_chain(strategy) if type(s) in MODES)
     # Adaptive wrappers keep the update's share z_u in noise_multiplier, and the count's noise.
     return effective_noise_multiplier(
         wrapper.noise_multiplier, sampled, replied, getattr(wrapper, "clipped_count_stddev", None)
