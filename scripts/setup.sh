@@ -7,13 +7,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${FEDVISION_VENV:-.venv}"
 python="${PYTHON:-python3.11}"
+# A reused environment whose console scripts (flwr, flower-superlink, ...) name an interpreter
+# that is gone is rebuilt.
+if [ -x "$venv/bin/python" ] && bash scripts/venv_is_stale.sh "$venv"; then
+  echo "setup: rebuilding $venv" >&2
+  rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating $venv with $python" >&2
   "$python" -m venv "$venv"
 fi
 if [ "$venv" != ".venv" ]; then ln -sfn "$venv" .venv; fi
+# pip runs by the environment's own path, not through the .venv link: the scripts it writes
+# must not name this clone, which a cached environment outlives.
 # pip prints one warning per missing local index folder on these machines; keep errors only.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,dp]" 2>&1 \
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,dp]" 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
 .venv/bin/python -c "import fedvision, torch, flwr, opacus" || { echo "setup: install failed" >&2; exit 1; }
 echo "setup: ready ($(.venv/bin/python -c 'import torch, flwr; print("torch", torch.__version__, "flwr", flwr.__version__)'))" >&2
