@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -230,6 +231,9 @@ def test_config_from_mapping_reads_flower_keys() -> None:
         ({"optimizer": "rmsprop"}, "sgd, adam"),
         ({"augment": "heavy"}, "none, light, standard"),
         ({"epochs": 1.5}, "epochs"),
+        ({"bn_mode": "frozen"}, "bn_mode must be one of train, eval"),
+        ({"backbone_lr_factor": 1.5}, r"backbone_lr_factor must be in \[0, 1\]"),
+        ({"backbone_lr_factor": -0.1}, "backbone_lr_factor"),
     ],
 )
 def test_config_validation(mapping: dict, message: str) -> None:
@@ -319,3 +323,53 @@ def _uniform_ce(model: nn.Module, images: np.ndarray) -> float:
     with torch.no_grad():
         logits = model(build_eval_transform()(torch.from_numpy(images)))
     return float(-torch.log_softmax(logits, 1).mean())
+
+
+def test_bn_mode_eval_keeps_running_statistics_and_trains_scale_and_shift() -> None:
+    images, labels = _separable()
+    indices = np.arange(64, dtype=np.int64)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, augment="none", bn_mode="eval")
+    model = _tiny_cnn()
+    before = copy.deepcopy(model.state_dict())
+    train_local(model, images, labels, indices, cfg, CPU)
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(model.state_dict()[key], before[key]), key
+    assert not torch.equal(model[1].weight, before["1.weight"])
+    assert not torch.equal(model[1].bias, before["1.bias"])
+    # The same call in train mode moves the statistics: the switch is what kept them.
+    moved = _tiny_cnn()
+    train_local(moved, images, labels, indices, dataclasses.replace(cfg, bn_mode="train"), CPU)
+    assert not torch.equal(moved[1].running_mean, before["1.running_mean"])
+
+
+def test_backbone_lr_factor_scales_the_backbones_first_step_and_not_the_heads() -> None:
+    """One plain SGD step from the same start: the backbone moves by factor x the full step."""
+    images, labels = _separable()
+    indices = np.arange(64, dtype=np.int64)
+    base = dict(epochs=0, max_steps=1, batch_size=16, lr=0.1, augment="none")
+    base.update(momentum=0.0, weight_decay=0.0)
+    start = _tiny_cnn()
+    moves = {}
+    for factor in (1.0, 0.5, 0.0):
+        model = copy.deepcopy(start)
+        cfg = TrainConfig(**base, backbone_lr_factor=factor)
+        train_local(model, images, labels, indices, cfg, CPU)
+        moves[factor] = {k: model.state_dict()[k] - v for k, v in start.state_dict().items()}
+    for key in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        torch.testing.assert_close(moves[0.5][key], 0.5 * moves[1.0][key], rtol=1e-4, atol=1e-6)
+        assert torch.count_nonzero(moves[0.0][key]) == 0, key
+        assert torch.count_nonzero(moves[1.0][key]) > 0, key
+    for key in ("6.weight", "6.bias"):  # the head: full lr whatever the factor
+        torch.testing.assert_close(moves[0.0][key], moves[1.0][key], rtol=1e-4, atol=1e-6)
+        assert torch.count_nonzero(moves[0.0][key]) > 0
+
+
+def test_backbone_lr_factor_applies_under_a_per_step_schedule() -> None:
+    images, labels = _separable()
+    indices = np.arange(64, dtype=np.int64)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, augment="none", backbone_lr_factor=0.0)
+    model = _tiny_cnn()
+    before = copy.deepcopy(model.state_dict())
+    train_local(model, images, labels, indices, cfg, CPU, lr_at=lambda step: 0.05)
+    assert torch.equal(model[0].weight, before["0.weight"])
+    assert not torch.equal(model[6].weight, before["6.weight"])

@@ -85,6 +85,30 @@ def test_fedprox_sends_mu_and_the_client_reads_it():
     assert tc.seed == to_train_config(sent, 5).seed != to_train_config(sent, 6).seed
 
 
+def test_head_warmup_rounds_send_a_zero_backbone_factor_then_the_configured_one():
+    from fedvision.fl.round_config import check_every_round
+
+    client = {
+        "local_epochs": 1, "local_steps": None, "batch_size": 8, "optimizer": "sgd", "lr": 0.01,
+        "lr_schedule": "constant", "augment": "none", "bn_mode": "eval",
+        "head_warmup_rounds": 2, "backbone_lr_factor": 0.1,
+    }  # fmt: skip
+    cfg = {"seed": 0, "num_rounds": 4, "model": {"name": "resnet18"}, "client": client}
+    cfg["strategy"] = {}
+    sent = [train_config(cfg, rnd, num_classes=3) for rnd in (1, 2, 3, 4)]
+    assert [s["backbone-lr-factor"] for s in sent] == [0.0, 0.0, 0.1, 0.1]
+    tc = to_train_config({**sent[2], "server-round": 3}, partition_id=0)
+    assert (tc.bn_mode, tc.backbone_lr_factor) == ("eval", 0.1)
+    # A record from before these keys existed reads as plain fine-tuning.
+    old = {k: v for k, v in sent[2].items() if k not in ("bn-mode", "backbone-lr-factor")}
+    tc = to_train_config({**old, "server-round": 3}, partition_id=0)
+    assert (tc.bn_mode, tc.backbone_lr_factor) == ("train", 1.0)
+    with pytest.raises(FedvisionError, match="head_warmup_rounds must be >= 0"):
+        train_config({**cfg, "client": {**client, "head_warmup_rounds": -1}}, 1, 3)
+    with pytest.raises(FedvisionError, match="round 1 of 4: .*bn_mode must be one of"):
+        check_every_round({**cfg, "client": {**client, "bn_mode": "frozen"}})
+
+
 def test_cosine_and_step_schedules_match_hand_computed_values():
     client = {"lr": 0.1, "lr_schedule": "cosine", "lr_min_factor": 0.1}
     assert round_lr(client, 1, 5) == pytest.approx(0.1)

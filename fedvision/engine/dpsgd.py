@@ -34,6 +34,7 @@ from fedvision.engine.train import (
     _as_device,
     _load,
     _make_optimizer,
+    _param_groups,
     _rng_devices,
     steps_per_epoch,
 )
@@ -213,7 +214,7 @@ def train_local_dpsgd(
             raise FedvisionError("the model has no trainable parameters outside BatchNorm")
         gsm = GradSampleModule(model)
         optimizer = DPOptimizer(
-            _make_optimizer(params, cfg),
+            _make_optimizer(_param_groups(model, params, cfg), cfg),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=cfg.batch_size,

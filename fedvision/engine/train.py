@@ -28,9 +28,10 @@ from fedvision.data.transforms import (
 from fedvision.engine.device import resolve_device
 from fedvision.engine.objectives import proximal_term
 from fedvision.errors import FedvisionError
-from fedvision.models import set_train_mode, trainable_parameters
+from fedvision.models import find_head, set_train_mode, trainable_parameters
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+BN_MODES: tuple[str, ...] = ("train", "eval")
 
 
 @dataclass
@@ -63,6 +64,14 @@ class TrainConfig:
         bf16 autocast and channels-last memory format; used on CUDA only.
     image_size
         Train at this side length (resizing crops); ``None`` or 0 keeps the cache's size.
+    bn_mode
+        ``train``: BatchNorm layers normalise with each batch's statistics and update their
+        running ones; ``eval``: they normalise with the running statistics, which then stay as
+        the global model has them (the pretrained ones), while their scale and shift still train.
+    backbone_lr_factor
+        The learning rate of every trained parameter outside the classification head is
+        ``lr * backbone_lr_factor``; 0 trains the head alone (a head warm-up), 1 is plain
+        fine-tuning.
     """
 
     epochs: int = 1
@@ -80,6 +89,8 @@ class TrainConfig:
     channels_last: bool = True
     image_size: int | None = None
     label_smoothing: float = 0.0
+    bn_mode: str = "train"
+    backbone_lr_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_steps == 0:
@@ -111,6 +122,12 @@ class TrainConfig:
             problems.append(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
         if self.image_size is not None and self.image_size < 1:
             problems.append(f"image_size must be >= 1 (got {self.image_size})")
+        if self.bn_mode not in BN_MODES:
+            problems.append(f"bn_mode must be one of {', '.join(BN_MODES)} (got {self.bn_mode!r})")
+        if not 0 <= self.backbone_lr_factor <= 1:
+            problems.append(
+                f"backbone_lr_factor must be in [0, 1] (got {self.backbone_lr_factor})"
+            )
         if problems:
             raise FedvisionError("invalid training config: " + "; ".join(problems))
 
@@ -233,12 +250,31 @@ def _load(
     return x, y
 
 
-def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def _param_groups(
+    model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig
+) -> list[dict[str, Any]]:
+    """One group per learning-rate factor: the head at ``lr``, the rest at the backbone's factor.
+
+    Each group keeps its ``lr_factor`` so that a per-step schedule (``lr_at``) scales both.
+    """
+    if cfg.backbone_lr_factor == 1:
+        return [{"params": params, "lr": cfg.lr, "lr_factor": 1.0}]
+    head = {id(p) for p in find_head(model)[1].parameters()}
+    factor = cfg.backbone_lr_factor
+    groups = [
+        {"params": [p for p in params if id(p) in head], "lr": cfg.lr, "lr_factor": 1.0},
+        {"params": [p for p in params if id(p) not in head], "lr": cfg.lr * factor,
+         "lr_factor": factor},
+    ]  # fmt: skip
+    return [g for g in groups if g["params"]]
+
+
+def _make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, lr: float, lr_min: float) -> float:
@@ -325,14 +361,14 @@ def train_local(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    set_train_mode(model)
+    set_train_mode(model, bn_eval=cfg.bn_mode == "eval")
     params = trainable_parameters(model)
     if not params:
         raise FedvisionError("the model has no trainable parameters; check the finetune mode")
     corrections = _corrections(params, grad_correction, device)
     use_prox = cfg.proximal_mu > 0
     global_params = [p.detach().clone() for p in params] if use_prox else []
-    optimizer = _make_optimizer(params, cfg)
+    optimizer = _make_optimizer(_param_groups(model, params, cfg), cfg)
     if optimizer_state is not None:
         try:
             optimizer.load_state_dict(optimizer_state)
@@ -378,7 +414,7 @@ def train_local(
                 )
                 if lr_at is not None:
                     for group in optimizer.param_groups:
-                        group["lr"] = lr_at(step)
+                        group["lr"] = lr_at(step) * group["lr_factor"]
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 if corrections is not None:

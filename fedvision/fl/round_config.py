@@ -71,8 +71,18 @@ def train_config(
         "weight-decay": float(client.get("weight_decay", 0.0)),
         "augment": str(client.get("augment", "none")),
         "normalise": model_normalise(cfg),
+        "bn-mode": str(client.get("bn_mode", "train")),
+        "backbone-lr-factor": backbone_lr_factor(client, server_round),
         "seed": int(cfg["seed"]),
     }
+
+
+def backbone_lr_factor(client: Mapping[str, Any], server_round: int) -> float:
+    """The backbone's share of the learning rate: 0 in the head warm-up rounds, then the factor."""
+    warmup = int(client.get("head_warmup_rounds", 0))
+    if warmup < 0:
+        raise FedvisionError(f"client.head_warmup_rounds must be >= 0 (got {warmup})")
+    return 0.0 if server_round <= warmup else float(client.get("backbone_lr_factor", 1.0))
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -96,6 +106,8 @@ def to_train_config(record: Mapping[str, Any], partition_id: int) -> TrainConfig
         augment=str(record["augment"]),
         # Runs prepared before normalisation was a choice sent none: ImageNet mean/std.
         normalise=str(record.get("normalise", "imagenet")),
+        bn_mode=str(record.get("bn-mode", "train")),
+        backbone_lr_factor=float(record.get("backbone-lr-factor", 1.0)),
         seed=client_seed(int(record["seed"]), int(record[C.KEY_SERVER_ROUND]), partition_id),
     )
 

@@ -386,17 +386,18 @@ def build_model_reporting(
     return model.train(), report
 
 
-def set_train_mode(model: nn.Module) -> nn.Module:
+def set_train_mode(model: nn.Module, *, bn_eval: bool = False) -> nn.Module:
     """Put ``model`` in train mode but keep fully frozen BatchNorm layers in eval mode.
 
     Frozen BatchNorm layers must not update their running statistics either, otherwise a
-    "frozen" backbone still drifts during local training.
+    "frozen" backbone still drifts during local training. ``bn_eval`` keeps every BatchNorm
+    layer in eval mode: normalised by the running statistics it came with, which stay.
     """
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if bn_eval or (params and not any(p.requires_grad for p in params)):
                 m.eval()
     return model
 
