@@ -105,7 +105,7 @@ def test_head_warmup_rounds_send_a_zero_backbone_factor_then_the_configured_one(
     assert (tc.bn_mode, tc.backbone_lr_factor) == ("train", 1.0)
     with pytest.raises(FedvisionError, match="head_warmup_rounds must be >= 0"):
         train_config({**cfg, "client": {**client, "head_warmup_rounds": -1}}, 1, 3)
-    with pytest.raises(FedvisionError, match="round 1 of 4: .*bn_mode must be one of"):
+    with pytest.raises(FedvisionError, match=r"round 1 of 4: .*bn_mode must be one of"):
         check_every_round({**cfg, "client": {**client, "bn_mode": "frozen"}})
 
 
