@@ -125,9 +125,7 @@ class TrainConfig:
         if self.bn_mode not in BN_MODES:
             problems.append(f"bn_mode must be one of {', '.join(BN_MODES)} (got {self.bn_mode!r})")
         if not 0 <= self.backbone_lr_factor <= 1:
-            problems.append(
-                f"backbone_lr_factor must be in [0, 1] (got {self.backbone_lr_factor})"
-            )
+            problems.append(f"backbone_lr_factor must be in [0, 1] (got {self.backbone_lr_factor})")
         if problems:
             raise FedvisionError("invalid training config: " + "; ".join(problems))
 
