@@ -1,10 +1,12 @@
 """Federated fine-tuning of MobileNetV2 from the shared ImageNet weights on real Imagenette JPEGs.
 
-The end-to-end check of the mission on real data: `experiment=imagenette` (its recipe: BatchNorm
-on the pretrained statistics, a head warm-up round, the backbone at a tenth of the head's rate)
-on a small slice of Imagenette over 4 Ray clients for 2 rounds. The new 10-class head starts at
-chance; the run must reach 0.85 test accuracy, which a wrong load, wrong preprocessing or a
-recipe that wrecks the backbone does not. Skips where the shared data folder is absent.
+The end-to-end check of the mission on real data: `experiment=imagenette` (its recipe: the new
+head at lr 0.03, the pretrained backbone at a tenth of it) on a slice of Imagenette (100 images
+per class in each split) at 128 px, IID over 4 Ray clients, 2 rounds of one local epoch. The new
+10-class head starts at chance; the run must reach 0.85 test accuracy (measured 0.872; 0.842 with
+60 images per class, 0.83 at 96 px, where the backbone sees too little), which a wrong load,
+wrong preprocessing or a recipe that wrecks the backbone does not. About 3 minutes on 2 cores,
+so it has its own marker; `.ci/run` runs it. Skips where the shared data folder is absent.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fedvision.report.metrics import read_metrics
 from fedvision.runner import run_experiment
 
 MIN_ACCURACY = 0.85
-PER_CLASS = 60  # images per class in each split: 600 train (540 after the server's 10 %), 600 test
+PER_CLASS = 100  # per class and split: 1000 train (900 after the server's 10 %), 1000 test
 
 
 def _require_shared():
@@ -31,6 +33,7 @@ def _require_shared():
             )
 
 
+@pytest.mark.realdata
 def test_mobilenet_v2_from_imagenet_weights_fine_tunes_imagenette_over_four_clients(tmp_path):
     _require_shared()
     cfg = compose_config(
@@ -38,6 +41,8 @@ def test_mobilenet_v2_from_imagenet_weights_fine_tunes_imagenette_over_four_clie
             "experiment=imagenette",
             "num_clients=4",
             "num_rounds=2",
+            "partition=iid",
+            "data.size=128",
             f"data.max_per_class={PER_CLASS}",
             "data.workers=1",
             "progress=false",
