@@ -83,6 +83,16 @@ class Scaffold(FedAvg):
     def check_client_config(self, client: Mapping[str, Any]) -> None:
         """Refuse local optimisers that option II cannot describe (before a run starts)."""
         require_sgd(client, "strategy=scaffold (option II)")
+        # Option II divides each update by one K * lr; a backbone at another rate would get a
+        # control variate scaled by its factor.
+        factor = float(client.get("backbone_lr_factor", 1.0))
+        warmup = int(client.get("head_warmup_rounds", 0))
+        if factor != 1.0 or warmup > 0:
+            raise FedvisionError(
+                "strategy=scaffold (option II) assumes one learning rate for every parameter, "
+                f"but client.backbone_lr_factor={factor:g}, client.head_warmup_rounds={warmup}; "
+                "set them to 1.0 and 0"
+            )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -134,6 +134,17 @@ def test_adam_is_refused_before_a_run_starts(name):
         check_strategy(OmegaConf.to_container(cfg, resolve=True))
 
 
+@pytest.mark.parametrize("extra", ["client.backbone_lr_factor=0.1", "client.head_warmup_rounds=1"])
+def test_scaffold_refuses_a_second_learning_rate_and_fednova_takes_it(extra):
+    """SCAFFOLD's option II divides by one K * lr; FedNova's normalisation holds per parameter."""
+    cfg = compose_config(["strategy=scaffold", extra])
+    with pytest.raises(FedvisionError, match="assumes one learning rate for every parameter"):
+        check_strategy(OmegaConf.to_container(cfg, resolve=True))
+    check_strategy(
+        OmegaConf.to_container(compose_config(["strategy=fednova", extra]), resolve=True)
+    )
+
+
 # --- two rounds in process, with the real ClientApp ----------------------------------------------
 
 
