@@ -21,7 +21,18 @@ if [ "$venv" != ".venv" ]; then ln -sfn "$venv" .venv; fi
 # pip runs by the environment's own path, not through the .venv link: the scripts it writes
 # must not name this clone, which a cached environment outlives.
 # pip prints one warning per missing local index folder on these machines; keep errors only.
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,dp]" 2>&1 \
-  | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-.venv/bin/python -c "import fedvision, torch, flwr, opacus" || { echo "setup: install failed" >&2; exit 1; }
+install() {
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,dp]" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
+}
+imports() { .venv/bin/python -c "import fedvision, torch, flwr, opacus"; }
+install
+if ! imports; then
+  # A cached environment left half-installed (an install that was killed) is rebuilt once.
+  echo "setup: the install into $venv is broken; rebuilding it" >&2
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  install
+  imports || { echo "setup: install failed" >&2; exit 1; }
+fi
 echo "setup: ready ($(.venv/bin/python -c 'import torch, flwr; print("torch", torch.__version__, "flwr", flwr.__version__)'))" >&2
