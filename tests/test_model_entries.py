@@ -4,9 +4,7 @@ reviewer can trust)."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from test_server_loop import InlineGrid, PushPull, prepared
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
-from fedvision.fl.arrays import pack
+from fedvision.fl.arrays import layout_of, pack, unpack
 from fedvision.fl.checkpoint import load_checkpoint
 from fedvision.fl.parts import mean_stats, run_parts, subset, take_stats
 from fedvision.fl.privacy import check_privacy, update_norm_record
@@ -26,8 +24,6 @@ from fedvision.models import split_parts
 from fedvision.privacy import effective_noise_multiplier
 from fedvision.report.metrics import read_metrics
 from fedvision.rundir import append_resume, load_run_config
-
-GOLDEN = Path(__file__).parent / "golden" / "fedavg_shufflenet_3rounds.json"
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +97,11 @@ def test_a_batchnorm_models_update_norms_scale_with_the_learning_rate(dataset, t
         serve(InlineGrid(run_dir, 2), run_dir)
         norms.append(read_metrics(run_dir)[-1]["update_norm_median"])
     assert 0 < norms[0] < 0.05
-    assert norms[0] / norms[1] == pytest.approx(10, rel=0.2)  # float32 rounding at 1e-9
+    # Ten times less lr, several times smaller norms (with the counters the ratio was about 1).
+    # Not exactly 10: those 1e4-1e5 gradients make the steps after the first depend on the lr,
+    # and how much depends on the CPU's rounding (7.4 on one machine of this kind, within 20 %
+    # of 10 on another).
+    assert 5 < norms[0] / norms[1] < 15
 
 
 # --- what travels and what the strategy sees ----------------------------------------------------
@@ -219,9 +219,18 @@ def test_fedadam_keeps_variances_positive_as_the_clients_example_weighted_mean(d
     assert var and all(bool((final.model[k] > 0).all()) for k in var)
 
 
-def test_plain_fedavg_gives_the_global_weights_it_gave_before_the_split(tmp_path):
-    """Golden digests of a 3-round FedAvg run recorded with the code before statistics moved
-    out of the strategy's record (commit 9094b46); counters are left out (no longer averaged)."""
+def test_plain_fedavg_is_the_example_weighted_mean_of_every_entry_and_keeps_the_counters(
+    tmp_path,
+):
+    """Plain FedAvg after the split into kinds computes what it computed when the whole state
+    travelled in one record (commit 9094b46): every parameter and BatchNorm statistic of the
+    global model is the example-weighted mean of the clients' replies, in each of 3 rounds, and
+    the counters (which BatchNorm with momentum never reads) keep the server's values.
+
+    Checked against the replies of the same run, not against stored numbers: from random
+    weights at 16 px, BatchNorm over 1x1 maps turns float rounding into different weights on
+    different CPUs (a stored golden run failed on another machine of the same kind).
+    """
     from fedvision.data.generate import generate_dataset
 
     ds = generate_dataset(
@@ -237,34 +246,47 @@ def test_plain_fedavg_gives_the_global_weights_it_gave_before_the_split(tmp_path
     )  # fmt: skip
     import fedvision.fl.server as server
 
-    rounds: dict[int, dict[str, np.ndarray]] = {}
+    rounds: dict[int, dict[str, torch.Tensor]] = {}
     save = server.save_checkpoint
 
     def spy(path, ckpt):
-        rounds[ckpt.round] = {k: v.double().numpy() for k, v in ckpt.model.items()}
+        rounds[ckpt.round] = {k: v.clone() for k, v in ckpt.model.items()}
         return save(path, ckpt)
 
     server.save_checkpoint = spy
+    grid = InlineGrid(run_dir, 3)
     try:
-        serve(InlineGrid(run_dir, 3), run_dir)
+        serve(grid, run_dir)
     finally:
         server.save_checkpoint = save
-    golden = json.loads(GOLDEN.read_text())
-    assert sorted(golden) == ["1", "2", "3"] and sorted(rounds) == [0, 1, 2, 3]
-    for rnd, keys in golden.items():
-        for k, want in keys.items():
-            got = digest(rounds[int(rnd)][k])
-            np.testing.assert_allclose(got["at"], want["at"], rtol=0, atol=1e-6, err_msg=k)
-            scale = want["abs"] + 1.0
-            assert abs(got["sum"] - want["sum"]) <= 1e-6 * scale, (rnd, k)
-            assert abs(got["abs"] - want["abs"]) <= 1e-6 * scale, (rnd, k)
-
-
-def digest(v: np.ndarray) -> dict[str, object]:
-    """Sum, absolute sum and 8 evenly spaced values of an array (how the golden run is kept)."""
-    flat = np.asarray(v, dtype=np.float64).reshape(-1)
-    at = np.linspace(0, flat.size - 1, num=min(8, flat.size)).astype(int)
-    return {"sum": float(flat.sum()), "abs": float(np.abs(flat).sum()), "at": flat[at].tolist()}
+    assert sorted(rounds) == [0, 1, 2, 3]
+    parts = run_parts(load_run_config(run_dir), 2)
+    assert parts.shared and parts.stats and parts.counters and not parts.local
+    train = [
+        (sent, int(r.content[C.KEY_METRICS][C.KEY_NUM_TRAIN]))
+        for (m, r, _), sent in zip(grid.log, grid.replied, strict=True)
+        if m.metadata.message_type == "train"
+    ]
+    assert len(train) == 9
+    layouts = {
+        C.KEY_ARRAYS: layout_of({k: rounds[0][k] for k in parts.shared}),
+        C.KEY_BN_STATS: layout_of({k: rounds[0][k] for k in parts.stats}),
+    }
+    for rnd in (1, 2, 3):
+        replies = train[3 * (rnd - 1) : 3 * rnd]
+        total = sum(n for _, n in replies)
+        for record, layout in layouts.items():
+            mean: dict[str, np.ndarray] = {}
+            for sent, n in replies:
+                for k, a in unpack(sent[record], layout).items():
+                    mean[k] = mean.get(k, 0.0) + (n / total) * a.numpy().astype(np.float64)
+            for k, want in mean.items():
+                got = rounds[rnd][k].double().numpy()
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{rnd} {k}")
+        for k in parts.counters:  # never sent: the global model keeps its own
+            assert int(rounds[rnd][k]) == int(rounds[0][k]), (rnd, k)
+    moved = [k for k in parts.shared if not torch.equal(rounds[3][k], rounds[0][k])]
+    assert len(moved) == len(parts.shared)  # every parameter trained: the check saw real updates
 
 
 # --- client-level DP: epsilon at the noise added -----------------------------------------------
