@@ -31,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedvision import constants as C
-from fedvision.atomic import write_json_atomic
+from fedvision.atomic import read_jsonl, save_torch_atomic, write_json_atomic, write_text_atomic
 from fedvision.config import CONF_DIR, compose_config, model_normalise
 from fedvision.data.cache import DecodedCache
 from fedvision.data.partition import holdout_split
@@ -139,9 +139,7 @@ def _best_payload(cfg: DictConfig, model: torch.nn.Module, classes: list[str], *
 
 
 def _save(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(path, obj)
 
 
 def run_pretrain(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> dict[str, Any]:
@@ -174,7 +172,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> dic
 
 def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dict[str, Any]:
     if not resume:
-        (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(run_dir / C.RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     train, train_idx, val_idx, test = _splits(cfg)
     classes = list(train.class_names)
     device = resolve_device(str(cfg.device))
@@ -199,7 +197,7 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
         model.load_state_dict(ckpt["model"])
         first, opt_state, best = ckpt["epoch"] + 1, ckpt["optimizer"], ckpt["best"]
         torch.set_rng_state(ckpt["torch_rng"])
-        records = [r for r in _read_jsonl(run_dir / C.RUN_METRICS) if r["epoch"] <= ckpt["epoch"]]
+        records = [r for r in read_jsonl(run_dir / C.RUN_METRICS) if r["epoch"] <= ckpt["epoch"]]
         _write_jsonl(run_dir / C.RUN_METRICS, records)
     elapsed0 = records[-1]["elapsed_s"] if records else 0.0
     for epoch in range(first, epochs):
@@ -303,14 +301,8 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
     return summary
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _load_latest(run_dir: Path, arch: str) -> dict[str, Any]:

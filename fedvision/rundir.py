@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from fedvision import constants as C
-from fedvision.atomic import write_json_atomic
+from fedvision.atomic import append_jsonl, read_jsonl, write_json_atomic
 from fedvision.errors import FedvisionError
 
 
@@ -89,17 +89,13 @@ def load_run_config(run_dir: Path) -> dict[str, Any]:
 
 def read_resumes(run_dir: Path) -> list[dict[str, Any]]:
     """The resume records of a run (empty when it was never resumed)."""
-    path = run_dir / C.RUN_RESUMES
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(run_dir / C.RUN_RESUMES)
 
 
 def append_resume(run_dir: Path, after_round: int, changes: Mapping[str, tuple[Any, Any]]) -> None:
     """Record that the run continues after ``after_round`` with ``changes`` (key: (old, new))."""
     entry = {"after_round": after_round, "changes": dict(changes), "time": time.time()}
-    with (run_dir / C.RUN_RESUMES).open("a") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_jsonl(run_dir / C.RUN_RESUMES, entry)
 
 
 def write_status(run_dir: Path, status: str, error: str | None = None, **extra: Any) -> None:

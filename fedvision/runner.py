@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -29,7 +30,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fedvision import constants as C
-from fedvision.atomic import write_json_atomic
+from fedvision.atomic import (
+    append_jsonl,
+    read_jsonl,
+    save_torch_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from fedvision.config import CONF_DIR
 from fedvision.data.cache import PreparedDataset, prepare_dataset
 from fedvision.data.folder import ClassSelection
@@ -63,6 +70,7 @@ from fedvision.models import (
     list_architectures,
 )
 from fedvision.report.heatmap import plot_partition_heatmap
+from fedvision.report.metrics import read_metrics
 from fedvision.report.tracking import check_tracking
 from fedvision.rundir import (
     RunPlan,
@@ -347,19 +355,20 @@ def _prepare_run_dir(
         done = load_checkpoint(
             run_dir / C.CKPT_LATEST, arch=str(cfg.model.name), num_classes=plan.num_classes
         ).round
+        read_metrics(run_dir)  # damage it cannot drop is refused before anything is recorded
         append_resume(run_dir, done, resume_changes)
     else:
         # The resolved config (schedule horizon fixed now) and versions go in before any work.
         if cfg.client.lr_horizon is None:
             cfg.client.lr_horizon = int(cfg.num_rounds)
-        (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(run_dir / C.RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         write_json_atomic(run_dir / C.RUN_VERSIONS, package_versions())
         prepared = prepare_data(cfg.data, progress=bool(cfg.progress))
         partition = write_partition(prepared, cfg, run_dir)
         num_classes = len(prepared.classes)
         weights = resolve_weights(cfg)
         initial, report = initial_weights(cfg, num_classes, weights)
-        torch.save(initial, run_dir / C.RUN_INITIAL)
+        save_torch_atomic(run_dir / C.RUN_INITIAL, initial)
         load = {"weights": str(cfg.model.weights), "resolved": weights}
         if report is not None:
             load.update(report.to_dict())
@@ -462,9 +471,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
             cfg, changes = resumed_config(run_dir, cfg, list(hc.overrides.task))
             summary = run_experiment(cfg, run_dir, resume_changes=changes, timings=timings)
         else:
+            write_hydra_record(run_dir, cfg)
             summary = run_experiment(cfg, run_dir, timings=timings)
     except SweepJobTaken as exc:  # another run's directory: left exactly as it is
         print(f"fedvision: error: {exc}; the sweep goes on", file=sys.stderr)
+        append_jsonl(Path(hc.sweep.dir) / C.SWEEP_REFUSED, {"dir": run_dir.name, "error": str(exc)})
         return None
     except Exception as exc:
         if hc.mode != RunMode.MULTIRUN:
@@ -486,7 +497,7 @@ class SweepJobTaken(FedvisionError):
 
 
 # Keys that do not change what a run computes: a re-run sweep may differ in them.
-_NOT_IN_RUN = ("progress", "verbose", "resume")
+_NOT_IN_RUN = ("progress", "verbose", "resume", "overwrite")
 
 
 def sweep_job_state(run_dir: Path, cfg: DictConfig) -> str:
@@ -529,7 +540,7 @@ def record_failed_job(cfg: DictConfig, run_dir: Path, exc: BaseException) -> Non
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / C.RUN_CONFIG).is_file():  # it failed before the config was written
-        (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=False))
+        write_text_atomic(run_dir / C.RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=False))
     status = read_status(run_dir)
     if status is None or status.get("status") != "failed":  # the server's reason comes first
         write_status(
@@ -539,6 +550,81 @@ def record_failed_job(cfg: DictConfig, run_dir: Path, exc: BaseException) -> Non
     if not isinstance(exc, FedvisionError):
         traceback.print_exception(exc, file=sys.stderr)
     print(f"fedvision: run {run_dir} failed: {reason}; the sweep goes on", file=sys.stderr)
+
+
+def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's own record of a new run (``.hydra/``: config, hydra.yaml, overrides.yaml).
+
+    Written by the task, after the checks, instead of by Hydra before them
+    (``hydra.output_subdir: null``): a refused run must leave another run's record as it was.
+    """
+    hydra_cfg = HydraConfig.instance().cfg  # {"hydra": ...}, as Hydra saves it
+    out = run_dir / C.HYDRA_RECORD
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text_atomic(out / "hydra.yaml", OmegaConf.to_yaml(hydra_cfg))
+    write_text_atomic(out / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
+
+
+def claim_run_dir(path: Path, *, overwrite: bool) -> None:
+    """Make sure a new run is the only one writing ``path`` (before Hydra creates anything).
+
+    A directory that holds anything is refused unless ``overwrite``, which empties it, and only
+    when it holds a fedvision run (never a folder of other files).
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FedvisionError(f"hydra.run.dir={path} is a file; choose a directory")
+    entries = sorted(path.iterdir())
+    if not entries:
+        return
+    is_run = (path / C.RUN_CONFIG).is_file() or (path / C.HYDRA_RECORD).is_dir()
+    if not overwrite:
+        held = "a run" if is_run else f"{len(entries)} files"
+        raise FedvisionError(
+            f"{path} already holds {held}; continue it with resume={path}, replace it with "
+            "overwrite=true, or choose another hydra.run.dir"
+        )
+    if not is_run:
+        raise FedvisionError(
+            f"overwrite=true empties only a fedvision run directory; {path} holds other files"
+        )
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    print(f"fedvision: overwrite=true: emptied {path}", file=sys.stderr)
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: a run directory is written by one run.
+
+    A single run into a directory that holds files is refused (one line, exit 2) unless
+    ``resume=`` names it or ``overwrite=true``; checked before Hydra writes anything there.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Claim ``hydra.run.dir`` for a new run."""
+        if config.get("resume") is not None:
+            return
+        try:
+            claim_run_dir(Path(config.hydra.run.dir), overwrite=bool(config.get("overwrite")))
+        except FedvisionError as exc:
+            print(f"fedvision: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep never empties a job's directory: it skips or resumes what it finds."""
+        if config.get("overwrite"):
+            print(
+                "fedvision: error: overwrite=true is for one run; a sweep re-run skips its "
+                "finished jobs and resumes the others (or sweep into a new hydra.sweep.dir)",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        (Path(config.hydra.sweep.dir) / C.SWEEP_REFUSED).unlink(missing_ok=True)
 
 
 class SweepSummary(Callback):
@@ -552,9 +638,12 @@ class SweepSummary(Callback):
         """Write ``<sweep dir>/sweep.json`` and print one line per failed run."""
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = []
+        refused = {r["dir"]: r["error"] for r in read_jsonl(sweep_dir / C.SWEEP_REFUSED)}
         for cfg_file in sorted(sweep_dir.glob(f"*/{C.RUN_CONFIG}")):
             status = read_status(cfg_file.parent)
-            if status is None:  # prepared for `flwr run` (runtime=prepare_only), or cut short
+            if cfg_file.parent.name in refused:  # another config's run: not this sweep's result
+                status = {"status": "refused", "error": refused[cfg_file.parent.name]}
+            elif status is None:  # prepared for `flwr run` (runtime=prepare_only), or cut short
                 prepared = (cfg_file.parent / C.RUN_PLAN).is_file()
                 status = {"status": "prepared" if prepared else "unfinished"}
             jobs.append(

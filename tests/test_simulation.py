@@ -397,10 +397,8 @@ def test_a_sweep_run_again_skips_finished_runs_and_resumes_a_stopped_one(dataset
     for name in (C.RUN_STATUS, C.RUN_SUMMARY):
         (stopped / name).unlink()
 
-    def files(d):  # fedvision's files (Hydra rewrites its own .hydra/ record on every launch)
-        return {
-            p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file() and ".hydra" not in p.parts
-        }
+    def files(d):  # every file, Hydra's .hydra/ record included
+        return {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
 
     before = files(done)
     capsys.readouterr()
@@ -420,8 +418,12 @@ def test_a_sweep_run_again_skips_finished_runs_and_resumes_a_stopped_one(dataset
 
     # Another value into the same sweep directory: refused, the old runs left as they are.
     other = [a if a != "num_rounds=2" else "num_rounds=3" for a in command]
-    cli_main(other)
+    with pytest.raises(SystemExit) as exit_info:  # the sweep says it did not do what was asked
+        cli_main(other)
+    assert exit_info.value.code == 1
     assert "holds a run of another config (client.lr_horizon, num_rounds differ)" in (
         capsys.readouterr().err
     )
     assert files(done) == before
+    jobs = json.loads((sweep / C.SWEEP_SUMMARY).read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["refused", "refused"]

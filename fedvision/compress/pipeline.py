@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fedvision import constants as C
-from fedvision.atomic import write_json_atomic, write_text_atomic
+from fedvision.atomic import save_torch_atomic, write_json_atomic, write_text_atomic
 from fedvision.compress.measure import count_parameters, latency_ms_per_image, zlib_size
 from fedvision.compress.prune import (
     check_sparsity,
@@ -152,9 +152,7 @@ def _batches(
 
 
 def _save(path: Path, payload: dict[str, Any]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    save_torch_atomic(path, payload)
     return path
 
 

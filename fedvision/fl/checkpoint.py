@@ -16,7 +16,6 @@ reads it without unpickling code.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from fedvision.atomic import save_torch_atomic
 from fedvision.errors import FedvisionError
 
 FORMAT = 2
@@ -176,9 +176,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "best_value": ckpt.best_value,
         "dpsgd_steps": {int(k): int(v) for k, v in ckpt.dpsgd_steps.items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(path, payload)
 
 
 def load_checkpoint(path: Path, *, arch: str, num_classes: int) -> Checkpoint:

@@ -8,18 +8,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedvision import constants as C
-from fedvision.atomic import write_json_atomic, write_text_atomic
+from fedvision.atomic import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from fedvision.report.plots import plot_curves
 from fedvision.report.tracking import NoTracker, Tracker
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Read ``metrics.jsonl`` of a run directory (empty list when there is none)."""
-    path = run_dir / C.RUN_METRICS
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Read ``metrics.jsonl`` of a run directory (empty list when there is none).
+
+    A torn last line (a crash inside an append) is dropped with a warning: on resume the
+    checkpoint, not the file, says which rounds are done.
+    """
+    return read_jsonl(run_dir / C.RUN_METRICS)
 
 
 class RunRecorder:
@@ -70,11 +70,9 @@ class RunRecorder:
         return int(top["round"]), float(top[key])
 
     def append(self, record: dict) -> None:
-        """Append one round's record and flush it to disk at once."""
+        """Append one round's record: one whole line, on disk before the next round."""
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        append_jsonl(self.path, record)
         self._mirror(lambda: self.tracker.log(record, int(record["round"])))
 
     def _mirror(self, call: Callable[[], None]) -> None:

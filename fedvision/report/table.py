@@ -28,7 +28,10 @@ from fedvision.report.metrics import read_metrics
 from fedvision.rundir import flatten, load_run_config, read_status
 
 # Keys that do not change a run's numbers (or that a group averages over: the seed).
-IGNORED = ("seed", "partition.seed", "resume", "progress", "verbose", "device", "data.workers")
+IGNORED = (
+    "seed", "partition.seed", "resume", "overwrite", "progress", "verbose", "device",
+    "data.workers",
+)  # fmt: skip
 IGNORED_PREFIXES = ("runtime.", "hydra.")
 
 
@@ -37,7 +40,7 @@ class Run:
     """One run directory as the report sees it."""
 
     path: Path
-    status: str  # finished | failed | unfinished
+    status: str  # finished | failed | unfinished | unreadable
     settings: dict[str, Any]
     seed: int
     summary: dict[str, Any] = field(default_factory=dict)
@@ -63,7 +66,19 @@ def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
-    """Read one run directory: its settings, status, summary and per-round records."""
+    """Read one run directory: its settings, status, summary and per-round records.
+
+    A run whose files cannot be read (damaged, edited, cut short) comes back ``unreadable``
+    with the reason, so that a report lists it and goes on with the others.
+    """
+    try:
+        return _load_run(path)
+    except Exception as exc:  # YAML, JSON, OS or missing-key errors from any of its files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Run(path, "unreadable", {}, 0, error=f"{type(exc).__name__}: {reason}")
+
+
+def _load_run(path: Path) -> Run:
     flat = flatten(load_run_config(path))
     settings = {
         k: v for k, v in flat.items() if k not in IGNORED and not k.startswith(IGNORED_PREFIXES)
