@@ -222,6 +222,9 @@ def _stop_local_superlink(flwr_home: Path) -> None:
         time.sleep(1.0)
 
 
+# `flwr run` starts a local SuperLink: with the loopback deployment suite (-m grpc), which
+# .ci/run runs, to keep the default suite under 15 minutes.
+@pytest.mark.grpc
 def test_flwr_run_runs_the_same_apps_to_the_same_metrics(dataset, reference_run, tmp_path):
     """`flwr run .` with a local simulation, on a directory prepared by runtime=prepare_only."""
     from fedvision.runtime.simulation import APP_DIR
