@@ -581,7 +581,7 @@ def claim_run_dir(path: Path, *, overwrite: bool) -> None:
         return
     is_run = (path / C.RUN_CONFIG).is_file() or (path / C.HYDRA_RECORD).is_dir()
     if not overwrite:
-        held = "a run" if is_run else f"{len(entries)} files"
+        held = "a run" if is_run else "other files"
         raise FedvisionError(
             f"{path} already holds {held}; continue it with resume={path}, replace it with "
             "overwrite=true, or choose another hydra.run.dir"

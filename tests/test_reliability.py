@@ -67,7 +67,7 @@ def test_overwrite_empties_only_a_run_directory(tmp_path, capsys):
     with pytest.raises(FedvisionError, match="empties only a fedvision run directory"):
         claim_run_dir(other, overwrite=True)
     assert (other / "thesis.tex").read_text() == "years of work"
-    with pytest.raises(FedvisionError, match="already holds 1 files"):
+    with pytest.raises(FedvisionError, match="already holds other files"):
         claim_run_dir(other, overwrite=False)
 
     run_a = _old_run(tmp_path / "A")
