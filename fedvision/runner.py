@@ -39,7 +39,7 @@ from fedvision.atomic import (
 )
 from fedvision.config import CONF_DIR
 from fedvision.data.cache import PreparedDataset, prepare_dataset
-from fedvision.data.folder import ClassSelection
+from fedvision.data.folder import ClassSelection, selected_classes
 from fedvision.data.generate import generate_dataset
 from fedvision.data.partition import (
     Partition,
@@ -68,6 +68,7 @@ from fedvision.models import (
     fixed_input_size,
     imagenet_weights_file,
     list_architectures,
+    read_checkpoint,
 )
 from fedvision.report.heatmap import plot_partition_heatmap
 from fedvision.report.metrics import read_metrics
@@ -83,6 +84,7 @@ from fedvision.rundir import (
     write_status,
 )
 from fedvision.runtime import Runtime
+from fedvision.schema import check_types
 
 # What a resumed run may change; everything else is the saved run's config.
 RESUMABLE_KEYS = ("num_rounds", "progress", "verbose", "device")
@@ -115,13 +117,7 @@ def prepare_data(data: DictConfig, *, progress: bool) -> PreparedDataset:
         )
     else:
         root = Path(str(data.root)).expanduser()
-        selection = None
-        if data.first_n is not None or data.wnids is not None or data.classes_file is not None:
-            selection = ClassSelection.from_config(
-                first_n=data.first_n,
-                wnids=list(data.wnids) if data.wnids is not None else None,
-                file=data.classes_file,
-            )
+        selection = _selection(data)
     return prepare_dataset(
         root,
         size=int(data.size),
@@ -130,6 +126,31 @@ def prepare_data(data: DictConfig, *, progress: bool) -> PreparedDataset:
         workers=data.workers,
         progress=progress,
     )
+
+
+def _selection(data: DictConfig) -> ClassSelection | None:
+    if data.first_n is None and data.wnids is None and data.classes_file is None:
+        return None
+    return ClassSelection.from_config(
+        first_n=data.first_n,
+        wnids=list(data.wnids) if data.wnids is not None else None,
+        file=data.classes_file,
+    )
+
+
+def check_data(data: DictConfig) -> None:
+    """A user's data root exists and gives at least two classes (one directory listing).
+
+    The built-in dataset is generated with its classes, so only ``data.root`` is looked at.
+    """
+    if data.root is None:
+        return
+    classes = selected_classes(Path(str(data.root)).expanduser(), "train", _selection(data))
+    if classes is not None and len(classes) < 2:
+        raise FedvisionError(
+            f"data.root={data.root} gives {len(classes)} class ({', '.join(classes)}); a "
+            "classifier needs at least 2 (check the folder or data.first_n/wnids/classes_file)"
+        )
 
 
 def build_runtime(cfg: DictConfig) -> Runtime:
@@ -147,8 +168,10 @@ def build_runtime(cfg: DictConfig) -> Runtime:
 def check_config(cfg: DictConfig) -> Runtime:
     """Refuse impossible settings now rather than hours into a run; return the runtime.
 
-    Runs before the dataset is generated or decoded and before any runtime starts.
+    Runs before the dataset is generated or decoded and before any runtime starts: first the
+    types of every key (:func:`fedvision.schema.check_types`), then ranges and cross-field rules.
     """
+    check_types(cfg)
     for key in ("num_clients", "num_rounds", "eval_every", "eval_batch_size"):
         if int(cfg[key]) < 1:
             raise FedvisionError(f"{key}={cfg[key]} must be >= 1")
@@ -161,6 +184,12 @@ def check_config(cfg: DictConfig) -> Runtime:
         raise FedvisionError(f"server_val_fraction={cfg.server_val_fraction} must lie in [0, 1)")
     if int(cfg.data.size) < 8:
         raise FedvisionError(f"data.size={cfg.data.size} must be >= 8 pixels")
+    steps = cfg.client.local_steps
+    if steps is not None and int(steps) < 1:
+        raise FedvisionError(
+            f"client.local_steps={steps} must be >= 1 (null: whole local epochs, no cap)"
+        )
+    check_data(cfg.data)
     plain = OmegaConf.to_container(cfg, resolve=True)
     partition_spec(cfg)  # validates scheme, alpha, min_size, val_fraction, ...
     check_strategy(plain)
@@ -285,6 +314,9 @@ def check_weights(model: DictConfig, data: DictConfig) -> None:
             f"model.weights={weights}: no such file; use none, imagenet, pretrained or the path "
             "of a checkpoint (e.g. a `fedvision pretrain` run's checkpoint_best.pt)"
         )
+    # Read once here, before any process starts, so that a truncated or foreign file fails now
+    # (read again when the initial model is built: a few MB, against a run's minutes).
+    read_checkpoint(Path(weights).expanduser())
 
 
 def resolve_weights(cfg: DictConfig) -> str:
@@ -606,10 +638,13 @@ class RunDirGuard(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Claim ``hydra.run.dir`` for a new run."""
+        """Check a new run's config, then claim ``hydra.run.dir`` for it."""
         if config.get("resume") is not None:
-            return
+            return  # the saved config is checked once it is read (hydra_main)
         try:
+            # Before Hydra creates the run directory: a bad value leaves nothing behind.
+            # run_experiment checks again, for callers that do not come through Hydra.
+            check_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
             claim_run_dir(Path(config.hydra.run.dir), overwrite=bool(config.get("overwrite")))
         except FedvisionError as exc:
             print(f"fedvision: error: {exc}", file=sys.stderr)

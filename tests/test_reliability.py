@@ -1,9 +1,11 @@
-"""Runs that never hand back wrong results: one run per directory, torn files, atomic writes."""
+"""Runs that never hand back wrong results: one run per directory, torn files, atomic writes,
+bad values refused before any work."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from test_server_loop import InlineGrid, prepared
 
 from fedvision import constants as C
@@ -189,3 +191,59 @@ def _task_identity(monkeypatch):
 
     for attr in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+# --- bad values: one line, exit 2, no run directory, no Ray -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_class_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one_class")
+    for split in ("train", "val"):
+        (root / split / "n01").mkdir(parents=True)
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(root / split / "n01" / "a.JPEG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def corrupt_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "cut.pt"
+    torch.save({"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:500])  # a copy cut short
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["num_clients=abc"], "num_clients='abc': takes an integer"),
+        (["num_clients=2.5"], "num_clients=2.5: takes an integer"),
+        (["data.size=abc"], "data.size='abc': takes an integer"),
+        (
+            ["privacy=server_fixed", "privacy.wrapper.noise_multiplier=abc"],
+            "privacy.wrapper.noise_multiplier='abc': takes a number",
+        ),
+        (["client.local_bn=maybe"], "client.local_bn='maybe': takes true or false"),
+        (["+client.lrr=0.1"], "client.lrr: no such setting (a typo?)"),
+        (["client.local_steps=-5"], "client.local_steps=-5 must be >= 1"),
+        (["client.local_steps=0"], "client.local_steps=0 must be >= 1"),
+        (["system=tiers", "system.dropout=1.0"], "system.dropout=1.0 must lie in [0, 1)"),
+        (["data.root=/no/such/folder"], "dataset folder /no/such/folder does not exist"),
+        (["data.root={one}", "model.weights=none"], "gives 1 class (n01); a classifier needs"),
+        (["model.weights={cut}"], "cannot read checkpoint"),
+    ],
+)
+def test_a_bad_value_is_one_line_exit_2_with_no_run_directory(
+    overrides, message, one_class_root, corrupt_weights, tmp_path, capsys
+):
+    from test_simulation import _no_ray_or_flower_left
+
+    run_dir = tmp_path / "run"
+    args = [a.format(one=one_class_root, cut=corrupt_weights) for a in overrides]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["run", *args, f"hydra.run.dir={run_dir}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedvision: error: ") and message in err[0], err
+    assert not run_dir.exists()  # refused before Hydra made the directory
+    assert _no_ray_or_flower_left()

@@ -198,6 +198,33 @@ def _read_devkit(gt_path: Path, files: list[str]) -> dict[str, str]:
     return {f"ILSVRC2012_val_{i:08d}": idx_to_wnid[c] for i, c in enumerate(ids, 1)}
 
 
+def selected_classes(
+    root: Path, split: str = "train", selection: ClassSelection | None = None
+) -> list[str] | None:
+    """The class folders a run would use from ``root/split``, read from one directory listing.
+
+    ``None`` when the split is flat (labels from a ground-truth file, counted when scanned). A
+    cheap check before any process starts; :func:`scan_split` reads the images later.
+
+    Raises
+    ------
+    FedvisionError
+        The root or the split is missing, or the selection names unknown classes.
+    """
+    root = as_path(root)
+    if not root.is_dir():
+        raise FedvisionError(f"dataset folder {root} does not exist; check the path (data.root)")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise FedvisionError(
+            f"{root} has no '{split}' folder; expected {root}/{split}/<wnid>/<image>.JPEG"
+        )
+    dirs, _ = _list_dir(split_dir)
+    if not dirs:
+        return None
+    return (selection or ClassSelection()).apply(dirs, where=str(split_dir))
+
+
 def scan_split(
     root: Path,
     split: str,

@@ -10,6 +10,7 @@ from fedvision.models.factory import (
     imagenet_weights_file,
     list_architectures,
     model_num_bytes,
+    read_checkpoint,
     set_train_mode,
     trainable_parameters,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "imagenet_weights_file",
     "list_architectures",
     "model_num_bytes",
+    "read_checkpoint",
     "set_train_mode",
     "split_parts",
     "trainable_parameters",

@@ -124,7 +124,14 @@ def _build_imagenet(name: str, num_classes: int, extra: dict) -> nn.Module:
     return model
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file (plain, or under ``model`` / ``state_dict``).
+
+    Raises
+    ------
+    FedvisionError
+        The file is missing, unreadable (truncated, not a torch file) or holds no state dict.
+    """
     if not path.is_file():
         raise FedvisionError(
             f"checkpoint {path} does not exist; pass an existing file, 'imagenet' or 'none' as "
@@ -134,8 +141,9 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:
         raise FedvisionError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); it must be a state "
-            "dict saved with torch.save"
+            f"cannot read checkpoint {path} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0].split('. ')[0]}); it must be a state dict saved with "
+            "torch.save"
         ) from exc
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -189,7 +197,7 @@ def _layers(keys: tuple[str, ...]) -> str:
 def _load_checkpoint(
     model: nn.Module, path: Path, num_classes: int, allow_head_mismatch: bool
 ) -> LoadReport:
-    state = _read_checkpoint(path)
+    state = read_checkpoint(path)
     own = model.state_dict()
     head_name, _ = find_head(model)
     head_keys = {k for k in own if k.startswith(head_name + ".")}
