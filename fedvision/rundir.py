@@ -23,6 +23,15 @@ from fedvision.atomic import append_jsonl, read_jsonl, write_json_atomic
 from fedvision.errors import FedvisionError
 
 
+class RunInterrupted(Exception):
+    """The run was stopped by a signal (SIGINT/SIGTERM); its last complete round is kept."""
+
+
+def interrupt_requested(run_dir: Path) -> bool:
+    """Whether the launcher asked the server to stop (it got a signal)."""
+    return (run_dir / C.RUN_INTERRUPT).exists()
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What the launcher prepared for a run (``run.json``); paths are absolute.
@@ -99,7 +108,8 @@ def append_resume(run_dir: Path, after_round: int, changes: Mapping[str, tuple[A
 
 
 def write_status(run_dir: Path, status: str, error: str | None = None, **extra: Any) -> None:
-    """Say how the server ended: ``finished`` or ``failed`` (with the one-line error)."""
+    """Say how the server ended: ``finished``, ``failed`` (with the one-line error) or
+    ``interrupted`` (by a signal, with the last complete ``round``)."""
     write_json_atomic(
         run_dir / C.RUN_STATUS, {"status": status, "error": error, "time": time.time(), **extra}
     )

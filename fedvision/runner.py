@@ -8,14 +8,18 @@ results into it, and this module reads them back from there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -74,6 +78,7 @@ from fedvision.report.heatmap import plot_partition_heatmap
 from fedvision.report.metrics import read_metrics
 from fedvision.report.tracking import check_tracking
 from fedvision.rundir import (
+    RunInterrupted,
     RunPlan,
     append_resume,
     flatten,
@@ -428,6 +433,39 @@ def _prepare_run_dir(
         )
 
 
+@contextlib.contextmanager
+def signals_stop(run_dir: Path) -> Iterator[None]:
+    """While the runtime runs: SIGINT/SIGTERM ask the server to stop (``C.RUN_INTERRUPT``).
+
+    The server stops at its next poll of the grid, keeps the last complete round's checkpoint and
+    says ``interrupted``; the runtime is then shut down as after any run. A second signal stops
+    at once (KeyboardInterrupt). Outside the main thread signals cannot be caught: a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    asked: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        (run_dir / C.RUN_INTERRUPT).touch()
+        print(
+            f"\nfedvision: {signal.Signals(signum).name}: stopping the run at the server's next "
+            "poll (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def run_experiment(
     cfg: DictConfig,
     run_dir: Path,
@@ -447,10 +485,12 @@ def run_experiment(
     runtime.start(verbose=bool(cfg.verbose))  # Ray's workers warm up while the data is prepared
     timings["runtime_started"] = time.time()
     (run_dir / C.RUN_STATUS).unlink(missing_ok=True)  # an earlier attempt's says nothing now
+    (run_dir / C.RUN_INTERRUPT).unlink(missing_ok=True)
     try:
         _prepare_run_dir(cfg, run_dir, runtime, resume_changes)
         timings["data_ready"] = time.time()
-        runtime.launch(run_dir, int(cfg.num_clients), verbose=bool(cfg.verbose))
+        with signals_stop(run_dir):
+            runtime.launch(run_dir, int(cfg.num_clients), verbose=bool(cfg.verbose))
     except Exception:
         # The ServerApp says why it stopped in status.json; Flower wraps the exception.
         if (status := read_status(run_dir)) is None or status["status"] != "failed":
@@ -464,6 +504,11 @@ def run_experiment(
         raise FedvisionError(
             f"the {runtime.name} runtime ended without a result in {run_dir}; rerun with "
             "verbose=true"
+        )
+    if status["status"] == "interrupted":
+        raise RunInterrupted(
+            f"interrupted after round {status.get('round', 0)} (the last complete one, "
+            f"checkpointed); continue with resume={run_dir}"
         )
     if status["status"] == "failed":
         if status.get("user_error"):
@@ -505,6 +550,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
         else:
             write_hydra_record(run_dir, cfg)
             summary = run_experiment(cfg, run_dir, timings=timings)
+    except RunInterrupted as exc:  # a signal stops a sweep too: its other jobs wait for a re-run
+        print(f"fedvision: {exc}", file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports Ctrl-C
     except SweepJobTaken as exc:  # another run's directory: left exactly as it is
         print(f"fedvision: error: {exc}; the sweep goes on", file=sys.stderr)
         append_jsonl(Path(hc.sweep.dir) / C.SWEEP_REFUSED, {"dir": run_dir.name, "error": str(exc)})

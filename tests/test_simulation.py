@@ -197,6 +197,50 @@ def test_resumed_fedadam_run_ends_with_the_metrics_and_weights_of_an_uninterrupt
     assert _no_ray_or_flower_left()
 
 
+def test_sigint_in_round_2_stops_the_run_and_resume_ends_with_the_uninterrupted_metrics(
+    dataset, fedadam_run, tmp_path
+):
+    """Ctrl-C (SIGINT to the process group) in round 2 of a simulation: a bounded stop that says
+    so, then an exact continuation."""
+    ref_dir, _ = fedadam_run
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "fedvision.cli", "run", *overrides(dataset, **FEDADAM),
+        f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run_dir / C.RUN_METRICS
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "no round 1"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        stopped_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and stopped_s < 30, (proc.returncode, stopped_s, err[-2000:])
+    status = json.loads((run_dir / C.RUN_STATUS).read_text())
+    done = status["round"]
+    assert status["status"] == "interrupted" and 1 <= done < 3
+    assert f"interrupted after round {done}" in err and f"resume={run_dir}" in err
+    assert torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["round"] == done
+    assert [r["round"] for r in read_metrics(run_dir)] == list(range(done + 1))
+    assert _no_ray_or_flower_left()
+
+    assert cli_main(["run", f"resume={run_dir}"]) == 0
+    got, want = read_metrics(run_dir), read_metrics(ref_dir)
+    assert [r["round"] for r in got] == [0, 1, 2, 3]
+    for g, w in zip(got, want, strict=True):
+        for key in ("test_accuracy", "test_loss", "val_accuracy", "train_loss", "clients", "lr"):
+            assert g.get(key) == w.get(key), (key, g, w)
+    assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished"
+    assert _no_ray_or_flower_left()
+
+
 def _process_tree(root: int) -> list[int]:
     """``root`` and all its descendants (from /proc, children first found by their parent)."""
     tree, frontier = [root], [root]

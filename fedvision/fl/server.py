@@ -75,7 +75,14 @@ from fedvision.fl.system_round import SystemRound
 from fedvision.models import build_model
 from fedvision.report.metrics import RunRecorder, read_metrics
 from fedvision.report.tracking import build_tracker
-from fedvision.rundir import RunPlan, load_run_config, read_plan, write_status
+from fedvision.rundir import (
+    RunInterrupted,
+    RunPlan,
+    interrupt_requested,
+    load_run_config,
+    read_plan,
+    write_status,
+)
 from strategies.sampling import SeededSampling, base_strategy, sample_size
 
 
@@ -343,10 +350,45 @@ def selection_key(cfg: Mapping[str, Any], plan: RunPlan) -> str | None:
 RoundLoop = Callable[[Grid, Path, dict[str, Any], float], dict[str, Any]]
 
 
+class InterruptibleGrid:
+    """A Grid that raises :class:`RunInterrupted` once the launcher asked the run to stop.
+
+    Every wait of the round loop polls the grid (replies every ``POLL_S``, nodes while they
+    connect), so a signal stops a round within a poll, whatever the round's length; the last
+    complete round's checkpoint stays in place.
+    """
+
+    def __init__(self, grid: Grid, run_dir: Path) -> None:
+        self._grid, self._run_dir = grid, run_dir
+
+    def _check(self) -> None:
+        if interrupt_requested(self._run_dir):
+            raise RunInterrupted(f"{self._run_dir}: stopped by a signal")
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Grid.push_messages, unless the run was asked to stop."""
+        self._check()
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Grid.pull_messages, unless the run was asked to stop."""
+        self._check()
+        return self._grid.pull_messages(message_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Grid.get_node_ids, unless the run was asked to stop."""
+        self._check()
+        return self._grid.get_node_ids()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 def serve(grid: Grid, run_dir: Path, loop: RoundLoop | None = None) -> dict[str, Any]:
     """Run a prepared run directory's rounds on ``grid``; write its results there.
 
-    Writes ``status.json`` (finished, or failed with the one-line reason) whatever happens.
+    Writes ``status.json`` (finished, failed with the one-line reason, or interrupted: the
+    launcher got a signal and wrote ``C.RUN_INTERRUPT``) whatever happens.
     ``loop`` (grid, run directory, config, start time) -> summary runs the rounds; the default
     is this module's loop, the SecAgg+ app passes its own (``fedvision.fl.secagg``).
     """
@@ -358,7 +400,13 @@ def serve(grid: Grid, run_dir: Path, loop: RoundLoop | None = None) -> dict[str,
         if not cfg.get("verbose", False):
             # Flower's per-round INFO lines would break the progress line; warnings still show.
             flwr_logger.setLevel(logging.WARNING)
+        if loop is None:  # SecAgg+'s legacy workflow drives its own grid
+            grid = InterruptibleGrid(grid, run_dir)
         summary = (loop or _serve)(grid, run_dir, cfg, started)
+    except RunInterrupted:
+        done = max((int(r["round"]) for r in read_metrics(run_dir)), default=0)
+        write_status(run_dir, "interrupted", f"stopped by a signal after round {done}", round=done)
+        return {}
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         write_status(

@@ -40,7 +40,7 @@ class Run:
     """One run directory as the report sees it."""
 
     path: Path
-    status: str  # finished | failed | unfinished | unreadable
+    status: str  # finished | failed | interrupted | unfinished | unreadable
     settings: dict[str, Any]
     seed: int
     summary: dict[str, Any] = field(default_factory=dict)
@@ -87,8 +87,8 @@ def _load_run(path: Path) -> Run:
     summary_file = path / C.RUN_SUMMARY
     if status is not None and status["status"] == "finished" and summary_file.is_file():
         state, error, summary = "finished", None, json.loads(summary_file.read_text())
-    elif status is not None and status["status"] == "failed":
-        state, error, summary = "failed", status.get("error"), {}
+    elif status is not None and status["status"] in ("failed", "interrupted"):
+        state, error, summary = status["status"], status.get("error"), {}
     else:
         state, error, summary = "unfinished", None, {}
     part_file = path / C.PARTITION_SUMMARY
