@@ -16,6 +16,7 @@ PARTITION_HEATMAP = "partition_heatmap.png"
 RUN_CONFIG = "config.yaml"  # the resolved config as the run started; never rewritten
 RUN_RESUMES = "resumes.jsonl"  # one line per resume: after which round, which keys changed
 RUN_PLAN = "run.json"  # what the launcher prepared: caches, partition, classes (apps read it)
+RUN_SERVER = "server.json"  # which server process writes the run now (a restarted one takes over)
 RUN_INTERRUPT = "interrupt"  # the launcher got SIGINT/SIGTERM: the server stops at its next poll
 RUN_STATUS = "status.json"  # written by the ServerApp when it ends: finished or failed, and why
 SWEEP_SUMMARY = "sweep.json"  # a sweep directory's list of its runs and how each ended

@@ -10,7 +10,9 @@ and the server reports back through files there (``metrics.jsonl``, ``summary.js
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +27,30 @@ from fedvision.errors import FedvisionError
 
 class RunInterrupted(Exception):
     """The run was stopped by a signal (SIGINT/SIGTERM); its last complete round is kept."""
+
+
+class RunSuperseded(RunInterrupted):
+    """A newer server took the run over (a restart): this one must write nothing more."""
+
+
+def claim_server(run_dir: Path) -> str:
+    """Make this server process the run directory's only writer; return its token.
+
+    A server that lost its SuperLink can reconnect to a restarted one and go on writing while
+    the resumed server writes too; the newest claim wins and the older server stops.
+    """
+    token = uuid.uuid4().hex
+    write_json_atomic(run_dir / C.RUN_SERVER, {"token": token, "pid": os.getpid()})
+    return token
+
+
+def superseded(run_dir: Path, token: str) -> bool:
+    """Whether another server claimed the run directory after the one holding ``token``."""
+    path = run_dir / C.RUN_SERVER
+    try:
+        return json.loads(path.read_text()).get("token") != token
+    except (OSError, ValueError):
+        return False  # unreadable: keep going (a claim is written atomically)
 
 
 def interrupt_requested(run_dir: Path) -> bool:

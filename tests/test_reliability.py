@@ -247,3 +247,28 @@ def test_a_bad_value_is_one_line_exit_2_with_no_run_directory(
     assert len(err) == 1 and err[0].startswith("fedvision: error: ") and message in err[0], err
     assert not run_dir.exists()  # refused before Hydra made the directory
     assert _no_ray_or_flower_left()
+
+
+def test_a_server_that_a_restarted_one_took_over_writes_nothing_more(dataset, tmp_path):
+    """A ServerApp that lost its SuperLink can reconnect to the restarted one and go on with its
+    round while the resumed server runs the same round: the older one must stop writing."""
+    from fedvision.rundir import claim_server, read_status
+
+    run_dir = prepared(dataset, tmp_path / "run", "num_rounds=3")
+
+    class TakenOverInRound2(InlineGrid):
+        trains = 0
+
+        def send_and_receive(self, messages, timeout):
+            replies = super().send_and_receive(messages, timeout)
+            if any(m.metadata.message_type == "train" for m in messages):
+                self.trains += 1
+                if self.trains == 2:  # a resumed server claims the run during round 2
+                    claim_server(run_dir)
+            return replies
+
+    assert serve(TakenOverInRound2(run_dir, 2), run_dir) == {}
+    assert [r["round"] for r in read_metrics(run_dir)] == [0, 1]  # no round-2 line
+    assert torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["round"] == 1
+    assert not (run_dir / f"{C.CKPT_LATEST}.next").exists()  # nor a round-2 checkpoint
+    assert read_status(run_dir) is None  # the status belongs to the newer server

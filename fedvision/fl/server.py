@@ -78,9 +78,12 @@ from fedvision.report.tracking import build_tracker
 from fedvision.rundir import (
     RunInterrupted,
     RunPlan,
+    RunSuperseded,
+    claim_server,
     interrupt_requested,
     load_run_config,
     read_plan,
+    superseded,
     write_status,
 )
 from strategies.sampling import SeededSampling, base_strategy, sample_size
@@ -360,10 +363,17 @@ class InterruptibleGrid:
 
     def __init__(self, grid: Grid, run_dir: Path) -> None:
         self._grid, self._run_dir = grid, run_dir
+        self._token = claim_server(run_dir)
 
     def _check(self) -> None:
+        if superseded(self._run_dir, self._token):
+            raise RunSuperseded(f"{self._run_dir}: another server took this run over")
         if interrupt_requested(self._run_dir):
             raise RunInterrupted(f"{self._run_dir}: stopped by a signal")
+
+    def check(self) -> None:
+        """Raise unless this server may still write the run (before each write of a round)."""
+        self._check()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Grid.push_messages, unless the run was asked to stop."""
@@ -403,6 +413,8 @@ def serve(grid: Grid, run_dir: Path, loop: RoundLoop | None = None) -> dict[str,
         if loop is None:  # SecAgg+'s legacy workflow drives its own grid
             grid = InterruptibleGrid(grid, run_dir)
         summary = (loop or _serve)(grid, run_dir, cfg, started)
+    except RunSuperseded:  # the newer server owns status.json and everything else now
+        return {}
     except RunInterrupted:
         done = max((int(r["round"]) for r in read_metrics(run_dir)), default=0)
         write_status(run_dir, "interrupted", f"stopped by a signal after round {done}", round=done)
@@ -629,6 +641,8 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
         # The checkpoint is written inside the timed round, then put in place after the metrics
         # line: a crash in between leaves the previous checkpoint, and resume redoes this round.
         tmp = latest.with_name(latest.name + ".next")
+        if isinstance(grid, InterruptibleGrid):
+            grid.check()  # a server that lost its run to a restarted one writes nothing more
         save_checkpoint(tmp, checkpoint(rnd, arrays, best_round, best_value))
         record["round_s"] = round(time.perf_counter() - t0, 3)
         recorder.append(record)
