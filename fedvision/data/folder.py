@@ -198,6 +198,19 @@ def _read_devkit(gt_path: Path, files: list[str]) -> dict[str, str]:
     return {f"ILSVRC2012_val_{i:08d}": idx_to_wnid[c] for i, c in enumerate(ids, 1)}
 
 
+def _split_dir(root: Path | str, split: str) -> Path:
+    """``root/split``, or the one-line error that says which of the two is missing."""
+    root = as_path(root)
+    if not root.is_dir():
+        raise FedvisionError(f"dataset folder {root} does not exist; check the path (data.root)")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise FedvisionError(
+            f"{root} has no '{split}' folder; expected {root}/{split}/<wnid>/<image>.JPEG"
+        )
+    return split_dir
+
+
 def selected_classes(
     root: Path, split: str = "train", selection: ClassSelection | None = None
 ) -> list[str] | None:
@@ -211,14 +224,7 @@ def selected_classes(
     FedvisionError
         The root or the split is missing, or the selection names unknown classes.
     """
-    root = as_path(root)
-    if not root.is_dir():
-        raise FedvisionError(f"dataset folder {root} does not exist; check the path (data.root)")
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise FedvisionError(
-            f"{root} has no '{split}' folder; expected {root}/{split}/<wnid>/<image>.JPEG"
-        )
+    split_dir = _split_dir(root, split)
     dirs, _ = _list_dir(split_dir)
     if not dirs:
         return None
@@ -251,13 +257,7 @@ def scan_split(
         flat split without a ground-truth file.
     """
     root = as_path(root)
-    if not root.is_dir():
-        raise FedvisionError(f"dataset folder {root} does not exist; check the path (data.root)")
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise FedvisionError(
-            f"{root} has no '{split}' folder; expected {root}/{split}/<wnid>/<image>.JPEG"
-        )
+    split_dir = _split_dir(root, split)
     if max_per_class is not None and max_per_class < 1:
         raise FedvisionError(f"max_per_class must be at least 1, got {max_per_class}")
     selection = selection or ClassSelection()
