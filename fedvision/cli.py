@@ -197,8 +197,9 @@ def _server(ns: argparse.Namespace) -> int:
 
     if ns.insecure:
         print(
-            "fedvision: WARNING: --insecure: the federation runs without TLS; weights, metrics "
-            "and node identities cross the network in plain text",
+            "fedvision: WARNING: --insecure: no TLS and no node authentication: weights and "
+            "metrics cross the network in plain text, and any machine that reaches the Fleet "
+            "API can join and claim any partition no other node holds",
             file=sys.stderr,
         )
     opts = ServerOptions(
@@ -208,7 +209,6 @@ def _server(ns: argparse.Namespace) -> int:
         fleet=ns.fleet,
         host=ns.host,
         port=ns.port,
-        auth=ns.enable_supernode_auth,
         register=list(ns.register or ()),
         log=ns.log,
     )
@@ -223,6 +223,16 @@ def _server(ns: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    if opts.auth:
+        print(
+            f"fedvision: node authentication on: {len(opts.register)} key(s) registered now; "
+            "only keys registered with this --database join (--register KEY.pub)",
+            file=sys.stderr,
+            flush=True,
+        )
+        for key, node in child.node_ids.items():  # the node ids that runs' nodes.jsonl name
+            said = "was registered before" if node is None else f"is node {node}"
+            print(f"fedvision: {key} {said}", file=sys.stderr, flush=True)
     try:
         while not stop.is_set() and child.alive():
             stop.wait(0.5)
@@ -276,6 +286,13 @@ def _client(ns: argparse.Namespace) -> int:
         max_wait_s=ns.max_wait,
         log=ns.log or client_log(ns.partition_id),
     )
+    opts.check()  # bad options in one line, before any output or process
+    if ns.insecure:
+        print(
+            "fedvision: WARNING: --insecure: no TLS and no node key: this client's weights "
+            "cross the network in plain text to whoever answers at the server's address",
+            file=sys.stderr,
+        )
     stop = threading.Event()
     _until_signal(stop)
     print(
@@ -385,8 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser(
         "server",
         help="start a SuperLink (Flower 1.39) that clients join over gRPC with TLS",
-        description="Start flower-superlink with TLS from --certs (made by `fedvision certs`), "
-        "a state database so that a restart keeps its state, the Fleet API for clients "
+        description="Start flower-superlink with TLS from --certs (made by `fedvision certs`) "
+        "and node authentication (only SuperNode keys given with --register, now or in an "
+        "earlier start on the same --database, can join), a state database so that a "
+        "restart keeps its state, the Fleet API for clients "
         "(--fleet, port 9092) and the Control API that `fedvision run runtime=deployment` "
         "submits to (127.0.0.1:8000 unless --host 0.0.0.0). Runs until Ctrl-C or SIGTERM, then "
         "stops the SuperLink and everything it started.",
@@ -406,17 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Control API host (127.0.0.1; 0.0.0.0 for remote submission)",
     )
     srv.add_argument("--port", type=int, default=8000, help="Control API port (8000)")
-    srv.add_argument(
-        "--enable-supernode-auth",
-        action="store_true",
-        help="only registered SuperNode keys may join (needs TLS)",
-    )
+    # Node authentication is always on with TLS; the flag stays so that older commands run.
+    srv.add_argument("--enable-supernode-auth", action="store_true", help=argparse.SUPPRESS)
     srv.add_argument(
         "--register",
         type=Path,
         nargs="+",
         metavar="KEY.pub",
-        help="register these SuperNode public keys once the server is up",
+        help="register these SuperNode public keys once the server is up (only registered "
+        "keys join: node authentication is on with TLS)",
     )
     srv.add_argument("--log", type=Path, default=Path("superlink.log"), help="(superlink.log)")
     srv.set_defaults(handler=_server)
@@ -434,8 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--server", required=True, help="the server's Fleet API, HOST:9092")
     cli.add_argument("--partition-id", type=int, required=True, help="this client's id (0..N-1)")
     cli.add_argument("--root-certificates", type=Path, help="the federation's ca.pem (TLS)")
-    cli.add_argument("--insecure", action="store_true", help="no TLS")
-    cli.add_argument("--auth-key", type=Path, help="this node's private key (node-keys/node-i)")
+    cli.add_argument("--insecure", action="store_true", help="no TLS, no node key (a warning)")
+    cli.add_argument(
+        "--auth-key", type=Path, help="this node's private key (node-keys/node-i); TLS needs it"
+    )
     cli.add_argument(
         "--port",
         type=int,

@@ -18,6 +18,7 @@ RUN_RESUMES = "resumes.jsonl"  # one line per resume: after which round, which k
 RUN_PLAN = "run.json"  # what the launcher prepared: caches, partition, classes (apps read it)
 RUN_SERVER = "server.json"  # which server process writes the run now (a restarted one takes over)
 RUN_INTERRUPT = "interrupt"  # the launcher got SIGINT/SIGTERM: the server stops at its next poll
+RUN_NODES = "nodes.jsonl"  # which node holds which partition, and every node refused one
 RUN_STATUS = "status.json"  # written by the ServerApp when it ends: finished or failed, and why
 SWEEP_SUMMARY = "sweep.json"  # a sweep directory's list of its runs and how each ended
 SWEEP_REFUSED = "refused.jsonl"  # jobs of this sweep refused over another config's directory

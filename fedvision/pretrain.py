@@ -14,13 +14,16 @@ cached under ``$FEDVISION_HOME/pretrained`` by a key of everything that determin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +50,12 @@ from fedvision.errors import FedvisionError
 from fedvision.models import build_model, list_architectures
 from fedvision.paths import fedvision_home
 from fedvision.report.plots import plot_curves
-from fedvision.rundir import read_status, write_status
+from fedvision.rundir import DirGuard, read_status, write_status
 
 # Bump when the training procedure changes what a recipe produces (invalidates cached models).
 PRETRAIN_VERSION = 1
 # Settings that change how a pretraining run is shown or where it runs, not the model it makes.
-_NOT_IN_KEY = ("progress", "device", "resume", "eval_batch_size")
+_NOT_IN_KEY = ("progress", "device", "resume", "overwrite", "eval_batch_size")
 
 
 def recipe_train_config(cfg: DictConfig, epoch: int = 0) -> TrainConfig:
@@ -142,6 +145,31 @@ def _save(path: Path, obj: dict) -> None:
     save_torch_atomic(path, obj)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    # A service manager's SIGTERM stops pretraining as Ctrl-C does (else: no status at all).
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class PretrainDirGuard(DirGuard):
+    """Hydra callback of ``fedvision pretrain``: one run per directory, config checked first."""
+
+    def check(self, config: DictConfig) -> None:
+        """Refuse impossible recipe values before Hydra creates the run directory."""
+        check_pretrain_config(config)
+
+
 def run_pretrain(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> dict[str, Any]:
     """Pretrain into ``run_dir`` (or continue it); return the summary.
 
@@ -159,9 +187,14 @@ def run_pretrain(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> dic
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / C.RUN_STATUS).unlink(missing_ok=True)
     try:
-        summary = _pretrain(cfg, run_dir, resume, start)
+        with _sigterm_interrupts():
+            summary = _pretrain(cfg, run_dir, resume, start)
     except FedvisionError as exc:
         write_status(run_dir, "failed", str(exc), user_error=True)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: checkpoint_latest.pt is the last whole epoch
+        done = len(read_jsonl(run_dir / C.RUN_METRICS)) if (run_dir / C.RUN_METRICS).exists() else 0
+        write_status(run_dir, "interrupted", f"stopped by a signal after epoch {done}", epoch=done)
         raise
     except BaseException as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}", type=type(exc).__name__)
@@ -409,6 +442,11 @@ def hydra_pretrain(cfg: DictConfig) -> float | None:
     except FedvisionError as exc:
         print(f"fedvision: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        status = read_status(run_dir) or {}
+        said = status.get("error", "interrupted")
+        print(f"\nfedvision: {said}; continue with resume={run_dir}", file=sys.stderr)
+        raise SystemExit(130) from None
     status = read_status(run_dir)
     print(json.dumps({**summary, "status": status["status"] if status else None}))
     return summary["val_accuracy_best"]

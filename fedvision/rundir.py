@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from fedvision import constants as C
 from fedvision.atomic import append_jsonl, read_jsonl, write_json_atomic
@@ -139,6 +142,87 @@ def write_status(run_dir: Path, status: str, error: str | None = None, **extra: 
     write_json_atomic(
         run_dir / C.RUN_STATUS, {"status": status, "error": error, "time": time.time(), **extra}
     )
+
+
+def claim_run_dir(path: Path, *, overwrite: bool) -> None:
+    """Make sure a new run is the only one writing ``path`` (before Hydra creates anything).
+
+    A directory that holds anything is refused unless ``overwrite``, which empties it, and only
+    when it holds a fedvision run (never a folder of other files).
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FedvisionError(f"hydra.run.dir={path} is a file; choose a directory")
+    entries = sorted(path.iterdir())
+    if not entries:
+        return
+    is_run = (path / C.RUN_CONFIG).is_file() or (path / C.HYDRA_RECORD).is_dir()
+    if not overwrite:
+        held = "a run" if is_run else "other files"
+        raise FedvisionError(
+            f"{path} already holds {held}; continue it with resume={path}, replace it with "
+            "overwrite=true, or choose another hydra.run.dir"
+        )
+    if not is_run:
+        raise FedvisionError(
+            f"overwrite=true empties only a fedvision run directory; {path} holds other files"
+        )
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    print(f"fedvision: overwrite=true: emptied {path}", file=sys.stderr)
+
+
+class DirGuard(Callback):
+    """Hydra callback: a new run checks its config (``check``), then claims ``hydra.run.dir``.
+
+    Runs before Hydra creates the directory, so a bad value or a refused directory leaves
+    nothing behind (one line, exit 2). A run with ``resume=`` is checked once its saved config
+    is read.
+    """
+
+    def check(self, config: DictConfig) -> None:
+        """Refuse the new run's config (without its ``hydra`` node); nothing by default."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check a new run's config, then claim ``hydra.run.dir`` for it."""
+        if config.get("resume") is not None:
+            return
+        try:
+            self.check(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+            claim_run_dir(Path(config.hydra.run.dir), overwrite=bool(config.get("overwrite")))
+        except FedvisionError as exc:
+            print(f"fedvision: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def append_node_event(run_dir: Path, event: Mapping[str, Any]) -> None:
+    """Record who holds which partition, or who was refused one, in ``nodes.jsonl``."""
+    append_jsonl(run_dir / C.RUN_NODES, dict(event))
+
+
+def read_node_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's ``nodes.jsonl`` (empty before any server wrote it)."""
+    path = run_dir / C.RUN_NODES
+    return read_jsonl(path) if path.exists() else []
+
+
+def describe_node_event(event: Mapping[str, Any]) -> str | None:
+    """The line a person should see for a node event: refusals and hand-overs, else None."""
+    node, pid = event["node"], event["partition"]
+    if event["event"] == "refused":
+        return (
+            f"fedvision: node {node} claims partition {pid}, held by node {event['held_by']}: "
+            f"refused (sent nothing while node {event['held_by']} is connected)"
+        )
+    if "before" in event:
+        return (
+            f"fedvision: partition {pid} passes from node {event['before']} (gone) to node {node}"
+        )
+    return None
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:

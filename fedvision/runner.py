@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import signal
 import sys
 import threading
@@ -78,6 +77,7 @@ from fedvision.report.heatmap import plot_partition_heatmap
 from fedvision.report.metrics import read_metrics
 from fedvision.report.tracking import check_tracking
 from fedvision.rundir import (
+    DirGuard,
     RunInterrupted,
     RunPlan,
     append_resume,
@@ -646,57 +646,17 @@ def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
     write_text_atomic(out / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
 
 
-def claim_run_dir(path: Path, *, overwrite: bool) -> None:
-    """Make sure a new run is the only one writing ``path`` (before Hydra creates anything).
-
-    A directory that holds anything is refused unless ``overwrite``, which empties it, and only
-    when it holds a fedvision run (never a folder of other files).
-    """
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise FedvisionError(f"hydra.run.dir={path} is a file; choose a directory")
-    entries = sorted(path.iterdir())
-    if not entries:
-        return
-    is_run = (path / C.RUN_CONFIG).is_file() or (path / C.HYDRA_RECORD).is_dir()
-    if not overwrite:
-        held = "a run" if is_run else "other files"
-        raise FedvisionError(
-            f"{path} already holds {held}; continue it with resume={path}, replace it with "
-            "overwrite=true, or choose another hydra.run.dir"
-        )
-    if not is_run:
-        raise FedvisionError(
-            f"overwrite=true empties only a fedvision run directory; {path} holds other files"
-        )
-    for entry in entries:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    print(f"fedvision: overwrite=true: emptied {path}", file=sys.stderr)
-
-
-class RunDirGuard(Callback):
-    """Hydra callback: a run directory is written by one run.
+class RunDirGuard(DirGuard):
+    """Hydra callback of ``fedvision run``: a run directory is written by one run.
 
     A single run into a directory that holds files is refused (one line, exit 2) unless
     ``resume=`` names it or ``overwrite=true``; checked before Hydra writes anything there.
     """
 
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Check a new run's config, then claim ``hydra.run.dir`` for it."""
-        if config.get("resume") is not None:
-            return  # the saved config is checked once it is read (hydra_main)
-        try:
-            # Before Hydra creates the run directory: a bad value leaves nothing behind.
-            # run_experiment checks again, for callers that do not come through Hydra.
-            check_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
-            claim_run_dir(Path(config.hydra.run.dir), overwrite=bool(config.get("overwrite")))
-        except FedvisionError as exc:
-            print(f"fedvision: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+    def check(self, config: DictConfig) -> None:
+        """Check a new run's config before Hydra creates its directory."""
+        # run_experiment checks again, for callers that do not come through Hydra.
+        check_config(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A sweep never empties a job's directory: it skips or resumes what it finds."""

@@ -64,18 +64,20 @@ def main() -> None:
     run_experiment(compose_config(base), sim_dir)
 
     certs = tmp / "certs"
-    make_certs(certs, ["localhost", "127.0.0.1"])
+    make_certs(certs, ["localhost", "127.0.0.1"], node_keys=args.clients)
     fleet, control = _port(), _port()
     server = start_server(
         ServerOptions(certs=certs, database=tmp / "state.db", fleet=f"127.0.0.1:{fleet}",
-                      port=control, log=tmp / "superlink.log")
+                      port=control, log=tmp / "superlink.log", flwr_home=tmp / "flwr-admin",
+                      register=sorted((certs / "node-keys").glob("*.pub")))
     )  # fmt: skip
     clients = []
     try:
         for pid in range(args.clients):
             cmd = [sys.executable, "-m", "fedvision.cli", "client", "--server",
                    f"localhost:{fleet}", "--partition-id", str(pid), "--root-certificates",
-                   str(certs / "ca.pem"), "--port", str(_port()), "--threads", "1",
+                   str(certs / "ca.pem"), "--auth-key", str(certs / "node-keys" / f"node-{pid}"),
+                   "--port", str(_port()), "--threads", "1",
                    "--device", "cpu", "--log", str(tmp / f"supernode-{pid}.log")]  # fmt: skip
             clients.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True))
         dep_dir = tmp / "deploy"

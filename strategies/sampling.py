@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -52,6 +53,20 @@ def base_strategy(strategy: Strategy) -> Strategy:
     while isinstance(getattr(strategy, "strategy", None), Strategy):
         strategy = strategy.strategy
     return strategy
+
+
+class HeldNodes:
+    """A grid that lists only the connected nodes holding a partition; the rest is ``grid``'s."""
+
+    def __init__(self, grid: Grid, partition_of: Mapping[int, int]) -> None:
+        self._grid, self._held = grid, partition_of
+
+    def get_node_ids(self) -> list[int]:
+        """The grid's connected nodes that hold a partition."""
+        return [n for n in self._grid.get_node_ids() if n in self._held]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 class SeededSampling(Strategy):
@@ -129,8 +144,11 @@ class SeededSampling(Strategy):
             )
         configure = getattr(self.strategy, f"configure_{kind}")
         stream = 0 if kind == "train" else EVALUATE_STREAM
+        # The wrapped strategy counts only nodes that hold a partition: a node refused one (or
+        # the old node of a restarted client, still listed) is no client to sample.
+        held = HeldNodes(grid, self.partition_of)
         return self._assign(
-            list(configure(server_round, arrays, config, grid)), grid, server_round, stream
+            list(configure(server_round, arrays, config, held)), grid, server_round, stream
         )
 
     def configure_train(

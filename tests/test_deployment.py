@@ -1,4 +1,5 @@
-"""A real federation on loopback: a SuperLink and three SuperNodes as processes, TLS on.
+"""A real federation on loopback: a SuperLink and three SuperNodes as processes, TLS and node
+authentication on (as ``fedvision server`` always has them without ``--insecure``).
 
 Marked ``grpc`` (run by ``bash .ci/run``: ``pytest -m grpc``). Every process a test starts is
 in its own process group and is stopped when the test ends, also when it fails.
@@ -6,6 +7,7 @@ in its own process group and is stopped when the test ends, also when it fails.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -49,7 +51,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     out = tmp_path_factory.mktemp("certs")
-    make_certs(out, ["localhost", "127.0.0.1"], node_keys=NUM)
+    make_certs(out, ["localhost", "127.0.0.1"], node_keys=NUM + 1)  # node-3: another registered key
     other = tmp_path_factory.mktemp("other-ca")
     make_certs(other, ["localhost", "127.0.0.1"], node_keys=1)
     return out, other
@@ -69,39 +71,40 @@ def overrides(dataset, **extra) -> list[str]:
 class Federation:
     """A SuperLink and SuperNodes on loopback, each a process group; ``close`` stops them all."""
 
-    def __init__(self, tmp: Path, certs: Path, *, auth: bool = False) -> None:
-        self.tmp, self.certs, self.auth = tmp, certs, auth
+    def __init__(self, tmp: Path, certs: Path) -> None:
+        self.tmp, self.certs = tmp, certs
         self.fleet, self.control = _free_port(), _free_port()
         self.database = tmp / "state.db"
         self.server = None
         self.clients: dict[int, subprocess.Popen] = {}
 
     def start_server(self) -> None:
-        keys = sorted((self.certs / "node-keys").glob("*.pub")) if self.auth else []
+        keys = sorted((self.certs / "node-keys").glob("*.pub"))
         self.server = start_server(
             ServerOptions(
                 certs=self.certs, database=self.database, fleet=f"127.0.0.1:{self.fleet}",
-                port=self.control, auth=self.auth, register=keys, log=self.tmp / "superlink.log",
+                port=self.control, register=keys, log=self.tmp / "superlink.log",
                 flwr_home=self.tmp / "flwr-admin",
             )
         )  # fmt: skip
 
-    def client_cmd(self, pid: int, ca: Path, key: Path | None = None) -> list[str]:
+    def client_cmd(self, pid: int, ca: Path, key: Path) -> list[str]:
         cmd = [sys.executable, "-m", "fedvision.cli", "client", "--server",
                f"localhost:{self.fleet}", "--partition-id", str(pid), "--root-certificates",
                str(ca), "--port", str(_free_port()), "--threads", "1", "--device", "cpu",
-               "--log", str(self.tmp / f"supernode-{pid}.log")]  # fmt: skip
-        if key is not None:
-            cmd += ["--auth-key", str(key)]
+               "--auth-key", str(key), "--log", str(self.tmp / f"supernode-{pid}.log")]  # fmt: skip
         return cmd
 
-    def start_client(self, pid: int) -> None:
-        key = self.certs / "node-keys" / f"node-{pid}" if self.auth else None
-        with (self.tmp / f"client-{pid}.err").open("w") as err:
-            self.clients[pid] = subprocess.Popen(
-                self.client_cmd(pid, self.certs / "ca.pem", key),
-                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-            )  # fmt: skip
+    def start_client(self, pid: int, key: int | None = None, name: int | None = None, extra=()):
+        """Client ``name`` for partition ``pid`` with node key ``key`` (both default ``pid``)."""
+        key = pid if key is None else key
+        name = pid if name is None else name
+        cmd = self.client_cmd(pid, self.certs / "ca.pem", self.certs / "node-keys" / f"node-{key}")
+        cmd[cmd.index("--log") + 1] = str(self.tmp / f"supernode-{name}.log")
+        with (self.tmp / f"client-{name}.err").open("w") as err:
+            self.clients[name] = subprocess.Popen(
+                [*cmd, *extra], stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+            )
 
     def kill_client(self, pid: int) -> None:
         stop_group(self.clients[pid].pid, timeout_s=0.0)  # SIGKILL at once: a crash
@@ -290,11 +293,68 @@ def _resumed(run_dir: Path):
     return cfg, run_dir
 
 
+def _online(fed: Federation) -> set[int]:
+    """Node ids the SuperLink lists as online (`flwr supernode list`)."""
+    from fedvision.runtime.deploy import flower_env
+
+    done = subprocess.run(
+        ["flwr", "supernode", "list", "fedvision", "--format", "json"],
+        env=flower_env({"FLWR_HOME": str(fed.tmp / "flwr-admin")}),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    nodes = json.loads(done.stdout[done.stdout.index("{") :])["nodes"]
+    return {int(n["node-id"]) for n in nodes if n["status"] == "online"}
+
+
+def test_a_registered_node_claiming_a_held_partition_is_refused_and_sent_nothing(
+    dataset, federation, tmp_path
+):
+    # The honest clients hold their partitions from round 1. Then a node with another
+    # registered key (node-3) joins claiming partition 1, with its own data (the whole train
+    # split, so its updates would differ). The resumed server knows the claim order from
+    # nodes.jsonl: the attacker is refused, sent nothing, and every round aggregates the honest
+    # three. Today's code let the newest claimant take the partition over.
+    federation.start_server()
+    ids = federation.server.node_ids
+    honest = {pid: ids[federation.certs / "node-keys" / f"node-{pid}.pub"] for pid in range(NUM)}
+    attacker = ids[federation.certs / "node-keys" / f"node-{NUM}.pub"]
+    for pid in range(NUM):
+        federation.start_client(pid)
+    run_dir = tmp_path / "run"
+    cfg = overrides(dataset, num_rounds=2, **federation.runtime())
+    assert run_experiment(compose_config(cfg), run_dir)["rounds_done"] == 2
+    data = ["--data", str(dataset), "--classes-file", str(dataset / "target_classes.txt"),
+            "--size", "32", "--quiet"]  # fmt: skip
+    federation.start_client(1, key=NUM, name=9, extra=data)
+    deadline = time.monotonic() + 120
+    while attacker not in _online(federation):
+        assert time.monotonic() < deadline, federation.report()
+        time.sleep(1.0)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedvision.cli", "run", f"resume={run_dir}", "num_rounds=4"],
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = f"node {attacker} claims partition 1, held by node {honest[1]}: refused"
+    assert said in done.stderr  # the submitting side tells it (the ServerApp runs remote)
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
+    assert all(r["clients"] == [0, 1, 2] and not r.get("num_failures") for r in records[1:])
+    events = [json.loads(x) for x in (run_dir / C.RUN_NODES).read_text().splitlines()]
+    held = {(e["partition"], e["node"]) for e in events if e["event"] == "holds"}
+    assert held == {(pid, node) for pid, node in honest.items()}  # in both server runs
+    refused = [(e["node"], e["partition"], e["held_by"]) for e in events if e["event"] == "refused"]
+    assert refused == [(attacker, 1, honest[1])]
+    stop_group(federation.clients[9].pid, timeout_s=10.0)  # SIGTERM: it says how many tasks
+    err = (tmp_path / "client-9.err").read_text()
+    assert "client 1 stopped after 1 tasks" in err  # the partition query, nothing to train
+
+
 def test_unregistered_key_and_foreign_ca_are_refused_with_the_reason(
     dataset, tmp_path, certs, monkeypatch
 ):
     mine, other = certs
-    fed = Federation(tmp_path, mine, auth=True)
+    fed = Federation(tmp_path, mine)
     try:
         fed.start_server()
         # A key the server never registered: refused, and the client says so and exits.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -125,13 +127,15 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(
     def interrupt_in_epoch_2(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:  # epoch 2 (each epoch evaluates validation, then test)
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # a service manager's stop, as Ctrl-C
         return real(*args, **kwargs)
 
     monkeypatch.setattr(P, "evaluate", interrupt_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         P.run_pretrain(_pretrain_cfg(dataset), tmp_path)
-    assert json.loads((tmp_path / C.RUN_STATUS).read_text())["status"] == "failed"
+    status = json.loads((tmp_path / C.RUN_STATUS).read_text())
+    assert (status["status"], status["epoch"]) == ("interrupted", 1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
     assert len((tmp_path / C.RUN_METRICS).read_text().splitlines()) == 1
     monkeypatch.setattr(P, "evaluate", real)
     with pytest.raises(SystemExit):  # Hydra's task returns; the CLI wrapper exits 0
@@ -145,6 +149,17 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(
         for line in (*ref_metrics, *new_metrics)
     ]
     assert strip[:3] == strip[3:]
+
+
+def test_a_new_pretraining_run_into_a_used_directory_is_refused(dataset, pretrained, capsys):
+    ref_dir, _ = pretrained
+    before = {p: p.read_bytes() for p in ref_dir.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        raise SystemExit(cli_main(["pretrain", *source(dataset), f"hydra.run.dir={ref_dir}"]))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{ref_dir} already holds a run" in err[0]
+    assert {p: p.read_bytes() for p in ref_dir.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(

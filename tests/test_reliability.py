@@ -21,8 +21,7 @@ from fedvision.errors import FedvisionError
 from fedvision.fl.server import serve
 from fedvision.report.metrics import read_metrics
 from fedvision.report.table import load_run, write_report
-from fedvision.rundir import append_resume
-from fedvision.runner import claim_run_dir
+from fedvision.rundir import append_resume, claim_run_dir
 
 
 def _snapshot(d):
@@ -272,3 +271,56 @@ def test_a_server_that_a_restarted_one_took_over_writes_nothing_more(dataset, tm
     assert torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["round"] == 1
     assert not (run_dir / f"{C.CKPT_LATEST}.next").exists()  # nor a round-2 checkpoint
     assert read_status(run_dir) is None  # the status belongs to the newer server
+
+
+# --- node identity: authentication comes with TLS ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    from fedvision.runtime.certs import make_certs
+
+    out = tmp_path_factory.mktemp("tls")
+    make_certs(out, ["localhost"], node_keys=1)
+    return out
+
+
+def test_a_tls_server_always_authenticates_nodes_and_insecure_turns_both_off(tls):
+    from fedvision.runtime.deploy import ServerOptions
+
+    secure = ServerOptions(certs=tls).command()
+    assert "--enable-supernode-auth" in secure and "--ssl-certfile" in secure
+    insecure = ServerOptions(insecure=True).command()
+    assert "--enable-supernode-auth" not in insecure and "--insecure" in insecure
+    key = tls / "node-keys" / "node-0.pub"
+    with pytest.raises(FedvisionError, match="--register needs node authentication"):
+        ServerOptions(insecure=True, register=[key]).check()
+
+
+def test_a_tls_client_without_a_node_key_is_refused_before_it_starts(tls, capsys, monkeypatch):
+    import subprocess
+
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
+    args = ["client", "--server", "localhost:9092", "--partition-id", "0"]
+    assert cli_main([*args, "--root-certificates", str(tls / "ca.pem")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedvision: error: a client over TLS needs --auth")
+    assert started == []  # no SuperNode
+
+
+def test_an_insecure_client_says_what_it_gives_up(monkeypatch, capsys, tmp_path):
+    import signal
+
+    from fedvision.runtime import deploy
+
+    monkeypatch.setattr(deploy, "run_client", lambda opts, _stop: 0)
+    monkeypatch.chdir(tmp_path)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        args = ["client", "--server", "localhost:9092", "--partition-id", "0", "--insecure"]
+        assert cli_main(args) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert "WARNING: --insecure: no TLS and no node key" in capsys.readouterr().err

@@ -517,3 +517,124 @@ def test_a_node_the_superlink_lost_is_asked_again_not_fatal():
     grid.lost.clear()  # its heartbeats resume
     assert directory.refresh(grid) == [1]
     assert directory.partition_of == {101: 0, 102: 1}
+
+
+class Listed(ScriptedGrid):
+    """A grid whose connected nodes a test changes; node ``n`` claims ``claims[n]``."""
+
+    def __init__(self, claims: dict[int, int]):
+        super().__init__(nodes=tuple(claims))
+        self.claims = claims
+
+    def send_and_receive(self, messages, timeout):
+        out = []
+        for m in messages:
+            metrics = MetricRecord({C.KEY_PARTITION_ID: self.claims[m.metadata.dst_node_id]})
+            out.append(Message(RecordDict({"metrics": metrics}), reply_to=m))
+        return out
+
+
+def test_a_partition_belongs_to_its_first_claimant_while_it_is_connected():
+    from fedvision.fl.server import ClientDirectory
+
+    events = []
+    grid = Listed({101: 0, 102: 1})
+    directory = ClientDirectory(2, on_event=events.append)
+    assert directory.refresh(grid) == [0, 1]
+    # A node that joins late claiming partition 1 is refused: 102 keeps it.
+    grid.claims[103] = 1
+    grid.nodes.append(103)
+    assert directory.refresh(grid) == []
+    assert directory.partition_of == {101: 0, 102: 1}
+    assert directory.refresh(grid) == []  # refused once, not reported at every round
+    # The holder leaves: the next claimant holds partition 1 ...
+    grid.nodes.remove(102)
+    assert directory.refresh(grid) == [1]
+    assert directory.partition_of == {101: 0, 103: 1}
+    # ... until the first claimant comes back under its own id (a registered key's node id).
+    grid.nodes.append(102)
+    assert directory.refresh(grid) == [1]
+    assert directory.partition_of == {101: 0, 102: 1}
+    got = [
+        (e["event"], e["node"], e["partition"], e.get("held_by"), e.get("before")) for e in events
+    ]
+    assert got == [
+        ("holds", 101, 0, None, None),
+        ("holds", 102, 1, None, None),
+        ("refused", 103, 1, 102, None),
+        ("holds", 103, 1, None, 102),
+        ("holds", 102, 1, None, 103),
+        ("refused", 103, 1, 102, None),
+    ]
+    # A node back from a restart is asked again: it may hold another partition now.
+    grid.nodes.remove(101)
+    directory.refresh(grid)
+    grid.claims[101] = 1
+    grid.nodes.append(101)
+    directory.refresh(grid)
+    assert directory.partition_of == {102: 1}  # 101's claim on 1 is the newest
+
+
+def test_a_resumed_server_keeps_the_claim_order_of_the_run():
+    from fedvision.fl.server import ClientDirectory
+
+    # nodes.jsonl says 105 held partition 1 before the restart; 103 claims it too and would
+    # come first among this server's answers (lower id), but 105 claimed first.
+    grid = Listed({101: 0, 103: 1, 105: 1})
+    directory = ClientDirectory(2, held_before=[(101, 0), (105, 1)])
+    directory.refresh(grid)
+    assert directory.partition_of == {101: 0, 105: 1}
+    # A node from the history that is not connected holds nothing.
+    grid.nodes.remove(105)
+    directory.refresh(grid)
+    assert directory.partition_of == {101: 0, 103: 1}
+
+
+class WithAttacker(InlineGrid):
+    """The real clients; after round 1 has been sent, node 666 joins claiming partition 1 and
+    answers a train message with huge weights and a huge example count."""
+
+    ATTACKER = 666
+
+    def __init__(self, run_dir, num_nodes: int) -> None:
+        super().__init__(run_dir, num_nodes)
+        self.trained = self.attacked = 0
+
+    def get_node_ids(self) -> list[int]:
+        return [*self.contexts, *([self.ATTACKER] if self.trained else [])]
+
+    def send_and_receive(self, messages, timeout):
+        mine = [m for m in messages if m.metadata.dst_node_id == self.ATTACKER]
+        theirs = [m for m in messages if m.metadata.dst_node_id != self.ATTACKER]
+        self.trained += sum(m.metadata.message_type == "train" for m in theirs)
+        replies = super().send_and_receive(theirs, timeout)
+        for m in mine:
+            if m.metadata.message_type == "query":
+                metrics = MetricRecord({C.KEY_PARTITION_ID: 1})
+                replies.append(Message(RecordDict({"metrics": metrics}), reply_to=m))
+            else:
+                self.attacked += 1
+                poisoned = {k: np.full_like(v.numpy(), 1e6) for k, v in m.content["arrays"].items()}
+                metrics = MetricRecord({C.KEY_NUM_EXAMPLES: 10_000, C.KEY_TRAIN_LOSS: 0.0})
+                content = RecordDict({"arrays": ArrayRecord(poisoned), "metrics": metrics})
+                replies.append(Message(content, reply_to=m))
+        return replies
+
+
+def test_a_node_claiming_a_held_partition_is_sent_nothing_and_changes_nothing(
+    dataset, tmp_path, capsys
+):
+    clean = prepared(dataset, tmp_path / "clean", "num_rounds=3")
+    serve(InlineGrid(clean, 2), clean)
+    run_dir = prepared(dataset, tmp_path / "attacked", "num_rounds=3")
+    grid = WithAttacker(run_dir, 2)
+    serve(grid, run_dir)
+    assert grid.trained == 6 and grid.attacked == 0  # asked its partition, then sent nothing
+    a = torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["model"]
+    b = torch.load(clean / C.CKPT_LATEST, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert [r["clients"] for r in read_metrics(run_dir)[1:]] == [[0, 1]] * 3
+    events = [json.loads(line) for line in (run_dir / C.RUN_NODES).read_text().splitlines()]
+    got = [(e["event"], e["node"], e["partition"], e.get("held_by")) for e in events]
+    assert got == [("holds", 1000, 0, None), ("holds", 1001, 1, None), ("refused", 666, 1, 1001)]
+    assert "node 666 claims partition 1, held by node 1001: refused" in capsys.readouterr().err

@@ -79,9 +79,12 @@ from fedvision.rundir import (
     RunInterrupted,
     RunPlan,
     RunSuperseded,
+    append_node_event,
     claim_server,
+    describe_node_event,
     interrupt_requested,
     load_run_config,
+    read_node_events,
     read_plan,
     superseded,
     write_status,
@@ -183,29 +186,47 @@ def exchange(
 class ClientDirectory:
     """Which partition each connected node holds, kept current as nodes come and go.
 
-    Node ids are assigned by the SuperLink and change when a client restarts or re-registers;
-    partition ids do not. A node is asked once (a QUERY message) which partition it holds; a
-    node that disappears is forgotten, and a new node that claims a known partition replaces the
-    old node (a restarted client). Nodes that do not answer (gone, but not yet marked offline)
-    are asked again at the next refresh.
+    Node ids are assigned by the SuperLink; partition ids are what a node says it holds. A node
+    is asked (a QUERY message) which partition it holds when it appears. A partition belongs
+    to the first node that claimed it: while that node is connected, another node claiming
+    the same partition is refused (it is sent nothing), so a node that joins late cannot
+    replace an honest one. When the holder is gone, the next claimant in claim order holds
+    the partition until an earlier one comes back. With node authentication (on with TLS) a
+    node id is its registered key, stable across restarts; without it a restarted client
+    comes back under a new id and takes its partition over once the SuperLink has dropped the
+    old one. Nodes that do not answer (gone, but not yet marked offline) are asked again at
+    the next refresh.
+    Every change of holder and every refusal goes to ``on_event`` (the run's ``nodes.jsonl``);
+    ``held_before`` (node, partition) from that file keeps the claim order across a resume.
     """
 
-    def __init__(self, expected: int) -> None:
+    def __init__(
+        self,
+        expected: int,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        held_before: Iterable[tuple[int, int]] = (),
+    ) -> None:
         self.expected = int(expected)
+        self.on_event = on_event
         self.partition_of: dict[int, int] = {}  # node -> partition, the node that holds it now
-        self.answered: dict[int, int] = {}  # every node that ever answered: never asked twice
+        self.claims: dict[int, int] = {}  # node -> partition, in claim order
+        for node, pid in held_before:
+            self.claims.setdefault(int(node), int(pid))
+        self._asked: set[int] = set()  # connected nodes that answered this server
+        self._holder: dict[int, int] = {}  # partition -> node, as of the last refresh
+        self._refused: dict[int, int] = {}  # node -> the holder it was last refused for
 
     def refresh(self, grid: Grid, timeout_s: float = QUERY_TIMEOUT_S) -> list[int]:
-        """Forget nodes that left, ask new ones; return the partitions that newly joined."""
+        """Ask new nodes which partition they hold; return the partitions that changed holder."""
         nodes = set(grid.get_node_ids())
-        new = sorted(nodes - set(self.answered))
+        self._asked &= nodes  # a node that was away is asked again: it may have restarted
+        new = sorted(nodes - self._asked)
         queries = [
             Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
             for n in new
         ]
-        joined = []
         replies = exchange(grid, queries, timeout_s) if new else []
-        for reply in replies:
+        for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
             if reply.has_error() and int(reply.error.code) in UNREACHABLE:
                 # The SuperLink answers for a node it lost (a restart, a lapsed heartbeat): not
                 # the client's fault; it is asked again at the next refresh if it comes back.
@@ -221,13 +242,37 @@ class ClientDirectory:
                     f"a client reports partition {pid}, but the run has num_clients="
                     f"{self.expected} (ids 0..{self.expected - 1}): fix its --partition-id"
                 )
-            self.answered[reply.metadata.src_node_id] = pid
-            joined.append(pid)
-        # Per partition, the node that answered last among those connected: a restarted
-        # client's old node may still be listed until its heartbeats lapse.
-        holder = {p: n for n, p in self.answered.items() if n in nodes}
+            node = reply.metadata.src_node_id
+            self._asked.add(node)
+            if self.claims.get(node) != pid:  # a new claim (or another partition): last in line
+                self.claims.pop(node, None)
+                self.claims[node] = pid
+        # Claim order decides; only nodes connected and heard from by this server count.
+        present = nodes & self._asked
+        holder: dict[int, int] = {}
+        for node, pid in self.claims.items():
+            if node in present:
+                holder.setdefault(pid, node)
+        changed = []
+        for pid, node in sorted(holder.items()):
+            if self._holder.get(pid) != node:
+                changed.append(pid)
+                self._refused.pop(node, None)  # refused again later is news again
+                self._event("holds", node, pid, before=self._holder.get(pid))
+        for node, pid in self.claims.items():
+            if node in present and holder[pid] != node and self._refused.get(node) != holder[pid]:
+                self._refused[node] = holder[pid]
+                self._event("refused", node, pid, held_by=holder[pid])
+        self._holder = holder
         self.partition_of = {n: p for p, n in holder.items()}
-        return sorted(joined)
+        return changed
+
+    def _event(self, event: str, node: int, pid: int, **extra: int | None) -> None:
+        if self.on_event is not None:
+            self.on_event(
+                {"event": event, "node": node, "partition": pid, "time": round(time.time(), 3)}
+                | {k: v for k, v in extra.items() if v is not None}
+            )
 
     def wait_for_all(self, grid: Grid, timeout_s: float) -> dict[int, int]:
         """Wait until every partition 0..expected-1 is held by a connected node."""
@@ -244,6 +289,17 @@ class ClientDirectory:
             if len(set(self.partition_of.values())) < self.expected:
                 time.sleep(0.1)
         return dict(self.partition_of)
+
+
+def node_log(run_dir: Path) -> Callable[[dict[str, Any]], None]:
+    """Record the directory's events in ``nodes.jsonl``; print refusals and hand-overs."""
+
+    def log(event: dict[str, Any]) -> None:
+        append_node_event(run_dir, event)
+        if (line := describe_node_event(event)) is not None:
+            tqdm.write(line, file=sys.stderr)
+
+    return log
 
 
 class CentralEvaluator:
@@ -504,7 +560,12 @@ def _serve(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> di
     timings["round0_done"] = time.time()
 
     # After the round-0 evaluation: it runs while the clients' processes start.
-    directory = ClientDirectory(int(cfg["num_clients"]))
+    held = read_node_events(run_dir)
+    directory = ClientDirectory(
+        int(cfg["num_clients"]),
+        on_event=node_log(run_dir),
+        held_before=[(e["node"], e["partition"]) for e in held if e["event"] == "holds"],
+    )
     directory.wait_for_all(grid, float(cfg["runtime"].get("connect_timeout_s", 120)))
     timings["clients_ready"] = time.time()
     min_replies = int(cfg.get("min_train_replies", 1))

@@ -75,6 +75,7 @@ class Child:
     name: str
     proc: subprocess.Popen
     log: Path
+    node_ids: dict[Path, int | None] = field(default_factory=dict)  # registered key -> node id
 
     def alive(self) -> bool:
         """Whether the process is still running."""
@@ -223,7 +224,12 @@ def _tls_files(certs: Path | None, insecure: bool, *, server: bool) -> dict[str,
 
 @dataclass
 class ServerOptions:
-    """What ``fedvision server`` starts: a SuperLink with TLS, state and (optional) node auth."""
+    """What ``fedvision server`` starts: a SuperLink with TLS, node authentication and state.
+
+    Node authentication comes with TLS: only SuperNodes whose public key was registered
+    (``register``, or ``flwr supernode register``; the database keeps them) can join. With
+    ``insecure`` both are off: any machine that reaches the Fleet API can join.
+    """
 
     certs: Path | None = None
     insecure: bool = False
@@ -231,19 +237,22 @@ class ServerOptions:
     fleet: str = f"0.0.0.0:{FLEET_PORT}"
     host: str = "127.0.0.1"  # the Control API: 0.0.0.0 lets other machines submit runs
     port: int = CONTROL_PORT
-    auth: bool = False
     register: list[Path] = field(default_factory=list)
     log: Path = Path("superlink.log")
     flwr_home: Path | None = None
 
+    @property
+    def auth(self) -> bool:
+        """Whether only registered node keys may join: always with TLS, never without."""
+        return not self.insecure
+
     def check(self) -> None:
         """Refuse settings that cannot start (before anything starts)."""
-        if self.auth and self.insecure:
+        if self.register and self.insecure:
             raise FedvisionError(
-                "--enable-supernode-auth needs TLS: drop --insecure and pass --certs"
+                "--register needs node authentication, which comes with TLS: drop --insecure "
+                "and pass --certs"
             )
-        if self.register and not self.auth:
-            raise FedvisionError("--register needs --enable-supernode-auth")
         for key in self.register:
             if not Path(key).is_file():
                 raise FedvisionError(f"--register {key}: no such public key file")
@@ -297,9 +306,14 @@ def write_flwr_config(
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def register_keys(flwr_home: Path, keys: Sequence[Path]) -> None:
-    """Register SuperNode public keys with the running SuperLink (``flwr supernode register``)."""
+def register_keys(flwr_home: Path, keys: Sequence[Path]) -> dict[Path, int | None]:
+    """Register SuperNode public keys with the running SuperLink (``flwr supernode register``).
+
+    Returns each key's node id (the id the server's ``nodes.jsonl`` names), or None for a key
+    the database held already.
+    """
     env = flower_env({"FLWR_HOME": str(flwr_home)})
+    ids: dict[Path, int | None] = {}
     for key in keys:
         done = subprocess.run(
             ["flwr", "supernode", "register", str(Path(key).resolve()), "fedvision"],
@@ -312,6 +326,9 @@ def register_keys(flwr_home: Path, keys: Sequence[Path]) -> None:
         if done.returncode != 0 and "already" not in text.lower():
             last = text.splitlines()[-1] if text else f"exit code {done.returncode}"
             raise FedvisionError(f"registering {key} failed: {last}")
+        found = re.search(r"SuperNode (\d+) registered", text)
+        ids[Path(key)] = int(found.group(1)) if found else None
+    return ids
 
 
 def start_server(opts: ServerOptions) -> Child:
@@ -329,7 +346,7 @@ def start_server(opts: ServerOptions) -> Child:
             home = opts.flwr_home or opts.log.parent / "flwr-home"
             tls = _tls_files(opts.certs, opts.insecure, server=True)
             write_flwr_config(home, opts.control_address(), tls.get("ca"))
-            register_keys(home, opts.register)
+            child.node_ids = register_keys(home, opts.register)
     except BaseException:
         child.stop()
         raise
@@ -355,14 +372,20 @@ class ClientOptions:
         """Refuse settings that cannot start (before anything starts)."""
         if self.partition_id < 0:
             raise FedvisionError(f"--partition-id {self.partition_id} must be >= 0")
+        if not 10 <= self.heartbeat_s <= 1800:
+            raise FedvisionError(f"--heartbeat {self.heartbeat_s:g} s: Flower accepts 10 to 1800")
+        _tls_files(self.certs, self.insecure, server=False)
         if self.auth_key is not None:
             if self.insecure:
                 raise FedvisionError("--auth-key needs TLS: drop --insecure")
             if not Path(self.auth_key).is_file():
                 raise FedvisionError(f"--auth-key {self.auth_key}: no such private key file")
-        if not 10 <= self.heartbeat_s <= 1800:
-            raise FedvisionError(f"--heartbeat {self.heartbeat_s:g} s: Flower accepts 10 to 1800")
-        _tls_files(self.certs, self.insecure, server=False)
+        elif not self.insecure:
+            raise FedvisionError(
+                "a client over TLS needs --auth-key: the private key whose .pub the server "
+                "registered (`fedvision certs --node-keys N` makes node-keys/node-i), or "
+                "--insecure on a server started with --insecure"
+            )
         split_address(self.server, FLEET_PORT)
 
     def command(self) -> list[str]:

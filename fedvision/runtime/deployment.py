@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
 from fedvision.report.metrics import read_metrics
-from fedvision.rundir import load_run_config, read_status
+from fedvision.rundir import describe_node_event, load_run_config, read_node_events, read_status
 from fedvision.runtime.deploy import CONTROL_PORT, flower_env, split_address, write_flwr_config
 from fedvision.runtime.simulation import APP_DIR
 
@@ -37,11 +37,17 @@ def follow_rounds(run_dir: Path, stop: threading.Event) -> None:
         disable=not cfg.get("progress", True),
     )  # fmt: skip
     seen = 0
+    told = len(read_node_events(run_dir))  # a resume's earlier events were told before
     while not stop.wait(0.5):
         try:
             records = read_metrics(run_dir)
+            events = read_node_events(run_dir)
         except ValueError:  # a line being written: read it next time
             continue
+        for event in events[told:]:  # the ServerApp's own lines stay remote
+            if (line := describe_node_event(event)) is not None:
+                tqdm.write(line, file=sys.stderr)
+        told = len(events)
         for r in records[1:]:
             if int(r["round"]) > seen:
                 bar.n = seen = int(r["round"])
