@@ -219,9 +219,8 @@ def describe_node_event(event: Mapping[str, Any]) -> str | None:
             f"refused (sent nothing while node {event['held_by']} is connected)"
         )
     if "before" in event:
-        return (
-            f"fedvision: partition {pid} passes from node {event['before']} (gone) to node {node}"
-        )
+        why = "it is gone" if event.get("before_gone") else f"node {node} claimed it first"
+        return f"fedvision: partition {pid} passes from node {event['before']} to {node} ({why})"
     return None
 
 

@@ -558,6 +558,12 @@ def test_a_partition_belongs_to_its_first_claimant_while_it_is_connected():
     got = [
         (e["event"], e["node"], e["partition"], e.get("held_by"), e.get("before")) for e in events
     ]
+    gone = [e.get("before_gone") for e in events if e["event"] == "holds"]
+    assert gone == [None, None, True, False]  # 102 left; then 102, the first claimant, is back
+    from fedvision.rundir import describe_node_event
+
+    assert describe_node_event(events[3]).endswith("from node 102 to 103 (it is gone)")
+    assert describe_node_event(events[4]).endswith("(node 102 claimed it first)")
     assert got == [
         ("holds", 101, 0, None, None),
         ("holds", 102, 1, None, None),

@@ -255,10 +255,12 @@ class ClientDirectory:
                 holder.setdefault(pid, node)
         changed = []
         for pid, node in sorted(holder.items()):
-            if self._holder.get(pid) != node:
+            before = self._holder.get(pid)
+            if before != node:
                 changed.append(pid)
                 self._refused.pop(node, None)  # refused again later is news again
-                self._event("holds", node, pid, before=self._holder.get(pid))
+                gone = None if before is None else before not in present
+                self._event("holds", node, pid, before=before, before_gone=gone)
         for node, pid in self.claims.items():
             if node in present and holder[pid] != node and self._refused.get(node) != holder[pid]:
                 self._refused[node] = holder[pid]
@@ -267,7 +269,7 @@ class ClientDirectory:
         self.partition_of = {n: p for p, n in holder.items()}
         return changed
 
-    def _event(self, event: str, node: int, pid: int, **extra: int | None) -> None:
+    def _event(self, event: str, node: int, pid: int, **extra: int | bool | None) -> None:
         if self.on_event is not None:
             self.on_event(
                 {"event": event, "node": node, "partition": pid, "time": round(time.time(), 3)}
