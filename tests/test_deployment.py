@@ -283,6 +283,36 @@ def test_server_killed_and_restarted_resumes_to_the_uninterrupted_metrics(
             assert g.get(key) == w.get(key), (key, g, w)
 
 
+def test_ctrl_c_stops_a_deployment_run_at_its_round_and_resume_finishes_it(
+    dataset, federation, simulated, tmp_path
+):
+    import signal
+
+    federation.start_server()
+    for pid in range(NUM):
+        federation.start_client(pid)
+    run_dir = tmp_path / "run"
+    proc = _submit(run_dir, overrides(dataset, num_rounds=3, **federation.runtime()))
+    try:
+        _wait_for_round(run_dir, 1, proc)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the submitting terminal
+        sent = time.monotonic()
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        stop_group(proc.pid, timeout_s=5.0)
+    assert proc.returncode == 130, out
+    assert time.monotonic() - sent < 60
+    status = read_status(run_dir)
+    assert status["status"] == "interrupted" and status["round"] in (1, 2), status
+    assert f"continue with resume={run_dir}" in out
+    summary = run_experiment(*_resumed(run_dir), resume_changes={})  # the server ran on
+    assert summary["rounds_done"] == 3
+    got, want = read_metrics(run_dir), read_metrics(simulated)
+    for g, w in zip(got, want, strict=True):
+        for key in ("test_accuracy", "test_loss", "train_loss", "clients"):
+            assert g.get(key) == w.get(key), (key, g, w)
+
+
 def _resumed(run_dir: Path):
     from omegaconf import OmegaConf
 

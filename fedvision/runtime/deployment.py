@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -23,6 +24,10 @@ from fedvision.report.metrics import read_metrics
 from fedvision.rundir import describe_node_event, load_run_config, read_node_events, read_status
 from fedvision.runtime.deploy import CONTROL_PORT, flower_env, split_address, write_flwr_config
 from fedvision.runtime.simulation import APP_DIR
+
+# How long an interrupted launcher waits for the ServerApp to confirm that it stopped (it polls
+# every 50 ms, but a round's replies may still be arriving).
+INTERRUPT_WAIT_S = 60.0
 
 
 def follow_rounds(run_dir: Path, stop: threading.Event) -> None:
@@ -143,7 +148,15 @@ class DeploymentRuntime:
                 stop.set()
                 follower.join(timeout=5)
         status = read_status(run_dir)
-        if status is None or status.get("status") not in ("finished", "failed"):
+        # Ctrl-C reaches `flwr run` too, which leaves at once; the ServerApp beside the
+        # SuperLink sees the interrupt request at its next poll and then writes its status.
+        deadline = time.monotonic() + INTERRUPT_WAIT_S
+        while status is None and (run_dir / C.RUN_INTERRUPT).exists():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+            status = read_status(run_dir)
+        if status is None or status.get("status") not in ("finished", "failed", "interrupted"):
             tail = (done.stdout or "").strip().splitlines()[-3:]
             raise FedvisionError(
                 f"the federation at {self.server} did not run {run_dir} (flwr run exit "
