@@ -131,11 +131,12 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(P, "evaluate", interrupt_in_epoch_2)
+    handler = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or one that Ray set in this process
     with pytest.raises(KeyboardInterrupt):
         P.run_pretrain(_pretrain_cfg(dataset), tmp_path)
     status = json.loads((tmp_path / C.RUN_STATUS).read_text())
     assert (status["status"], status["epoch"]) == ("interrupted", 1)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
     assert len((tmp_path / C.RUN_METRICS).read_text().splitlines()) == 1
     monkeypatch.setattr(P, "evaluate", real)
     with pytest.raises(SystemExit):  # Hydra's task returns; the CLI wrapper exits 0
