@@ -151,9 +151,9 @@ class DeploymentRuntime:
         # Ctrl-C reaches `flwr run` too, which leaves at once; the ServerApp beside the
         # SuperLink sees the interrupt request at its next poll and then writes its status.
         deadline = time.monotonic() + INTERRUPT_WAIT_S
-        while status is None and (run_dir / C.RUN_INTERRUPT).exists():
-            if time.monotonic() > deadline:
-                break
+        while (
+            status is None and (run_dir / C.RUN_INTERRUPT).exists() and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
             status = read_status(run_dir)
         if status is None or status.get("status") not in ("finished", "failed", "interrupted"):
