@@ -79,6 +79,7 @@ TARGET_CLASSES = "target_classes.txt"  # built-in: classes for federated fine-tu
 
 # --- partial messages and FedBN (appended; see fedvision/fl/parts.py) ---------------------------
 KEY_LOCAL_BN = "local-bn"  # round config: FedBN, BatchNorm layers stay with each client
+KEY_BN_MODE = "bn-mode"  # round config: "eval" keeps BatchNorm statistics frozen (not sent)
 KEY_BASE_FINGERPRINT = "base-fingerprint"  # round config: sha256 of the entries never sent
 KEY_BN_STATS = "bn-stats"  # train/evaluate message and train reply: packed BatchNorm statistics
 KEY_NEW_BN = "new-bn"  # train reply metric: 1 when this client's BatchNorm started from the base

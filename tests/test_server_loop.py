@@ -395,6 +395,32 @@ def test_full_finetuning_sends_every_parameter_and_statistic_but_no_counter(data
     assert "clipped_fraction" not in record
 
 
+def test_batchnorm_in_eval_mode_sends_no_statistics_and_keeps_the_bases(dataset, tmp_path):
+    ckpt = tmp_path / "pretrained.pt"
+    pretrained = _pretrained(ckpt)
+    run_dir = prepared(
+        dataset, tmp_path / "run", "num_rounds=2", f"model.weights={ckpt}",
+        "client.bn_mode=eval", "client.local_steps=2", "client.batch_size=4",
+    )  # fmt: skip
+    grid = InlineGrid(run_dir, 2)
+    serve(grid, run_dir)
+    stats = [k for k in pretrained if k.endswith(("running_mean", "running_var"))]
+    params = [k for k in pretrained if k not in stats and not k.endswith("tracked")]
+    # Statistics never move in eval mode, so they are frozen entries: neither direction sends
+    # them, and the client checks its base holds the same ones (a fingerprint is sent).
+    for m, reply, _ in _train_exchanges(grid):
+        for msg in (m, reply):
+            assert C.KEY_BN_STATS not in msg.content.array_records
+            assert list(_unpacked(msg, pretrained, params)) == params
+        assert m.content[C.KEY_CONFIG][C.KEY_BASE_FINGERPRINT] != ""
+    record = read_metrics(run_dir)[1]
+    assert record["bytes_down"] == record["bytes_up"] == 2 * _message_bytes(pretrained, params)
+    latest = torch.load(run_dir / C.CKPT_LATEST, weights_only=True)["model"]
+    for k in stats:
+        assert torch.equal(latest[k].to(pretrained[k].dtype), pretrained[k]), k
+    assert not torch.equal(latest["fc.weight"], pretrained["fc.weight"])
+
+
 def test_a_client_with_another_base_fails_with_one_clear_line(dataset, tmp_path):
     run_dir = prepared(dataset, tmp_path / "run", "model.finetune=head")
     other = tmp_path / "other.pt"

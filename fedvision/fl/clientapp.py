@@ -73,9 +73,16 @@ def _model(name: str, num_classes: int, finetune: str, last_k: int, device: str)
 
 @functools.lru_cache(maxsize=2)
 def _parts(
-    name: str, num_classes: int, finetune: str, last_k: int, device: str, local_bn: bool
+    name: str,
+    num_classes: int,
+    finetune: str,
+    last_k: int,
+    device: str,
+    local_bn: bool,
+    bn_eval: bool,
 ) -> ModelParts:
-    return split_parts(_model(name, num_classes, finetune, last_k, device), local_bn=local_bn)
+    model = _model(name, num_classes, finetune, last_k, device)
+    return split_parts(model, local_bn=local_bn, bn_eval=bn_eval)
 
 
 @functools.lru_cache(maxsize=1)
@@ -213,7 +220,8 @@ def load_global(
         str(device),
     )
     model = _model(*key)
-    parts = _parts(*key, bool(cfg.get(C.KEY_LOCAL_BN, False)))
+    bn_eval = str(cfg.get(C.KEY_BN_MODE, "train")) == "eval"
+    parts = _parts(*key, bool(cfg.get(C.KEY_LOCAL_BN, False)), bn_eval)
     full = model.state_dict()
     try:
         received = unpack(arrays, {k: tuple(full[k].shape) for k in parts.shared})

@@ -43,8 +43,9 @@ def run_model(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
 
 
 def run_parts(cfg: Mapping[str, Any], num_classes: int) -> ModelParts:
-    """The split of the run's model (architecture, fine-tune mode, FedBN) into message parts."""
-    return split_parts(run_model(cfg, num_classes), local_bn=local_bn(cfg))
+    """The split of the run's model (architecture, fine-tune mode, FedBN, BN mode) into parts."""
+    bn_eval = str(cfg["client"].get("bn_mode", "train")) == "eval"
+    return split_parts(run_model(cfg, num_classes), local_bn=local_bn(cfg), bn_eval=bn_eval)
 
 
 def subset(arrays: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:

@@ -71,7 +71,7 @@ def train_config(
         "weight-decay": float(client.get("weight_decay", 0.0)),
         "augment": str(client.get("augment", "none")),
         "normalise": model_normalise(cfg),
-        "bn-mode": str(client.get("bn_mode", "train")),
+        C.KEY_BN_MODE: str(client.get("bn_mode", "train")),
         "backbone-lr-factor": backbone_lr_factor(client, server_round),
         "seed": int(cfg["seed"]),
     }
@@ -106,7 +106,7 @@ def to_train_config(record: Mapping[str, Any], partition_id: int) -> TrainConfig
         augment=str(record["augment"]),
         # Runs prepared before normalisation was a choice sent none: ImageNet mean/std.
         normalise=str(record.get("normalise", "imagenet")),
-        bn_mode=str(record.get("bn-mode", "train")),
+        bn_mode=str(record.get(C.KEY_BN_MODE, "train")),
         backbone_lr_factor=float(record.get("backbone-lr-factor", 1.0)),
         seed=client_seed(int(record["seed"]), int(record[C.KEY_SERVER_ROUND]), partition_id),
     )

@@ -77,16 +77,18 @@ def batchnorm_keys(model: nn.Module) -> list[str]:
     return out
 
 
-def trained_keys(model: nn.Module) -> list[str]:
+def trained_keys(model: nn.Module, *, bn_eval: bool = False) -> list[str]:
     """State-dict keys that local training changes, in state-dict order.
 
     These are the parameters with ``requires_grad`` and the buffers of the BatchNorm layers that
     :func:`~fedvision.models.set_train_mode` leaves in train mode (their running statistics
-    move); frozen BatchNorm layers stay in eval mode, so their statistics do not.
+    move); frozen BatchNorm layers stay in eval mode, so their statistics do not, and with
+    ``bn_eval`` (``client.bn_mode=eval``) no BatchNorm layer's statistics move.
     """
     modes = {m: m.training for m in model.modules()}
     try:
-        set_train_mode(model)  # the engine's own rule decides which BatchNorm layers update
+        # The engine's own rule decides which BatchNorm layers update.
+        set_train_mode(model, bn_eval=bn_eval)
         changing = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
         for name, m in model.named_modules():
             if isinstance(m, _BATCHNORM) and m.training:
@@ -105,7 +107,7 @@ def trained_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if k in changing]
 
 
-def split_parts(model: nn.Module, *, local_bn: bool = False) -> ModelParts:
+def split_parts(model: nn.Module, *, local_bn: bool = False, bn_eval: bool = False) -> ModelParts:
     """Split ``model``'s state dict into shared, stats, counters, local and frozen keys.
 
     Parameters
@@ -114,8 +116,11 @@ def split_parts(model: nn.Module, *, local_bn: bool = False) -> ModelParts:
         A model with ``requires_grad`` set for its fine-tune mode (:func:`build_model` does).
     local_bn
         FedBN (Li et al., ICLR 2021): the BatchNorm layers that train stay with each client.
+    bn_eval
+        ``client.bn_mode=eval``: BatchNorm normalises with the statistics it was sent, so they
+        never change and are ``frozen`` (not sent) rather than ``stats``.
     """
-    trained = trained_keys(model)
+    trained = trained_keys(model, bn_eval=bn_eval)
     bn = set(batchnorm_keys(model)) if local_bn else set()
     buffers = {n for n, _ in model.named_buffers()}
     moving = [k for k in trained if k not in bn]
