@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +26,34 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FEDVISION_HOME", str(home / "fedvision"))
     monkeypatch.setenv("FLWR_HOME", str(home / "flwr"))
     yield
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages are stamped with the running task's identity; outside a runtime there is none."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+@pytest.fixture(scope="session")
+def generated_dataset(tmp_path_factory) -> Path:
+    """A tiny built-in dataset (3 target classes, 12 + 4 images each at 16 px), made once."""
+    from fedvision.data.generate import generate_dataset
+
+    return generate_dataset(
+        tmp_path_factory.mktemp("generated") / "gen", num_classes=3, num_source=1,
+        train_per_class=12, val_per_class=4, size=16, workers=1, progress=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def grids(task_identity) -> SimpleNamespace:
+    """The in-process Grids of ``tests/grids.py`` (messages need the task identity)."""
+    from tests.grids import InlineGrid, LoopbackGrid, ScriptedGrid
+
+    return SimpleNamespace(inline=InlineGrid, loopback=LoopbackGrid, scripted=ScriptedGrid)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -24,15 +24,9 @@ from fedvision.fl.checkpoint import (
 )
 from strategies.sampling import SeededSampling
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 class _Grid:

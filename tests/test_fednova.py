@@ -15,13 +15,7 @@ from fedvision.errors import FedvisionError
 from fedvision.fl.server import check_strategy
 from strategies.fednova import FedNova, momentum_steps
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class _Grid:
@@ -159,10 +153,11 @@ def dataset(tmp_path_factory):
 
 
 def test_two_rounds_with_unequal_work_follow_the_formula(dataset, tmp_path):
-    from test_server_loop import InlineGrid, prepared
+    from test_server_loop import prepared
 
     from fedvision.fl.server import serve
     from fedvision.models import build_model, split_parts
+    from tests.grids import InlineGrid
 
     run_dir = prepared(
         dataset, tmp_path, "strategy=fednova", "num_rounds=2", "partition=dirichlet",

@@ -15,14 +15,7 @@ from fedvision.fl.round_config import round_lr, to_train_config, train_config
 from fedvision.fl.server import _federated_evaluate, build_strategy
 from strategies.sampling import SeededSampling, draw_partitions
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Messages are stamped with the running task's identity; outside a run there is none."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _reply(weights: list[float], n: int, loss: float) -> Message:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
-from test_server_loop import InlineGrid, PushPull, prepared
+from test_server_loop import prepared
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
@@ -24,6 +24,9 @@ from fedvision.models import split_parts
 from fedvision.privacy import effective_noise_multiplier
 from fedvision.report.metrics import read_metrics
 from fedvision.rundir import append_resume, load_run_config
+from tests.grids import InlineGrid, PushPull
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +37,6 @@ def dataset(tmp_path_factory):
         tmp_path_factory.mktemp("entries") / "gen", num_classes=3, num_source=1,
         train_per_class=12, val_per_class=4, size=16, workers=1, progress=False,
     )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 # --- update norms measure parameters -----------------------------------------------------------

@@ -32,15 +32,10 @@ from fedvision.privacy import ClientLevelAccountant
 from fedvision.report.metrics import read_metrics
 from fedvision.report.table import write_report
 from fedvision.runner import check_config
-from tests.test_server_loop import InlineGrid, prepared
+from tests.grids import InlineGrid
+from tests.test_server_loop import prepared
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from test_server_loop import InlineGrid, prepared
+from test_server_loop import prepared
 
 from fedvision import constants as C
 from fedvision.atomic import (
@@ -22,6 +22,9 @@ from fedvision.fl.server import serve
 from fedvision.report.metrics import read_metrics
 from fedvision.report.table import load_run, write_report
 from fedvision.rundir import append_resume, claim_run_dir
+from tests.grids import InlineGrid
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _snapshot(d):
@@ -182,14 +185,6 @@ def dataset(tmp_path_factory):
         tmp_path_factory.mktemp("reliability") / "gen", num_classes=3, num_source=1,
         train_per_class=12, val_per_class=4, size=16, workers=1, progress=False,
     )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 # --- bad values: one line, exit 2, no run directory, no Ray -------------------------------------

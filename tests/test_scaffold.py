@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from hydra.utils import instantiate
-from test_server_loop import InlineGrid, prepared
+from test_server_loop import prepared
 from torch import nn
 
 from fedvision import constants as C
@@ -25,14 +25,9 @@ from fedvision.fl.checkpoint import load_checkpoint, restore_strategy_state, str
 from fedvision.fl.server import serve
 from fedvision.report.metrics import read_metrics
 from strategies.scaffold import Scaffold
+from tests.grids import InlineGrid
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 # --- the engine hook -----------------------------------------------------------------------------

@@ -7,17 +7,15 @@ that node's own Context (as a runtime does) and keeps every reply the server rec
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
@@ -46,6 +44,9 @@ from fedvision.rundir import read_plan
 from fedvision.runner import check_config, run_experiment
 from strategies.sampling import draw_partitions
 from strategies.update_fedavg import FedAvgOfUpdates
+from tests.grids import LoopbackGrid
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 SETTINGS = {
     "num_shares": 3,
@@ -55,53 +56,6 @@ SETTINGS = {
     "modulus_range": 2**32,
     "timeout": None,
 }
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-
-
-def transported(msg: Message) -> Message:
-    """``msg`` as the other side receives it: serialised to Flower's protobuf and back."""
-    return message_from_proto(message_to_proto(msg))
-
-
-class LoopbackGrid:
-    """Runs a ClientApp per node in this process; ``received`` keeps every reply, in order."""
-
-    def __init__(self, apps: dict[int, ClientApp], node_config=None, run_config=None) -> None:
-        self.apps = apps
-        self.contexts = {
-            n: Context(
-                run_id=1,
-                node_id=n,
-                node_config=(node_config or {}).get(n, {}),
-                state=RecordDict(),
-                run_config=run_config or {},
-            )
-            for n in apps
-        }
-        self.run = SimpleNamespace(run_id=1)
-        self.received: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.apps)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = m.object_id  # a runtime sets it when pushed
-            node = m.metadata.dst_node_id
-            # A runtime serialises each message: clients must not share (and mutate) one object,
-            # and the server must not see the client's objects.
-            reply = self.apps[node](transported(m), self.contexts[node])
-            replies.append(transported(reply))
-        self.received += replies
-        return replies
 
 
 class FixedUpdate(NumPyClient):

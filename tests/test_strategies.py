@@ -18,14 +18,7 @@ from omegaconf import DictConfig
 from fedvision import constants as C
 from fedvision.config import compose_config
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Messages are stamped with the running task's identity; outside a run there is none."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @lru_cache

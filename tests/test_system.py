@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
-from test_server_loop import InlineGrid, _task_identity, prepared  # noqa: F401 (a fixture)
+from test_server_loop import prepared
 
 from fedvision import constants as C
 from fedvision.cli import main
@@ -40,6 +40,9 @@ from fedvision.fl.system_round import check_system
 from fedvision.report.metrics import read_metrics
 from fedvision.report.table import sim_time_to_target
 from fedvision.rundir import write_status
+from tests.grids import InlineGrid
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 TIERS = SystemConfig(distribution="tiers", tiers=(5.0, 20.0, 80.0), tier_weights=(0.3, 0.5, 0.2))
 LOGNORMAL = SystemConfig(distribution="lognormal", median_speed=20.0, sigma=0.8, down_mb_s=10.0)
