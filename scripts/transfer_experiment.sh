@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The transfer experiment (README, "The transfer experiment"): federated fine-tuning from the
+# The transfer experiment (docs/results/transfer.md): federated fine-tuning from the
 # pretrained checkpoint vs from scratch, under IID / Dirichlet 0.5 / Dirichlet 0.1, with FedAvg and
 # FedProx, 3 seeds each; plus central references on the same training images with the same
 # budget (4 epochs): fine-tuning everything, and fitting only the head (a linear probe, the

@@ -19,7 +19,8 @@ sample std over ``--seeds``, per-seed values in brackets) and, last, a JSON line
     python scripts/transfer_probe.py --models shufflenet_v2_x0_5 --sizes 64 48 --seeds 0 1 2 \\
         --pretrain-epochs 8 --finetune-epochs 3 --threads 1
 
-Used to pick the default run's model, image size and pretraining recipe (see the README).
+Used to pick the default run's model, image size and pretraining recipe
+(docs/results/bench-models.md).
 """
 
 from __future__ import annotations

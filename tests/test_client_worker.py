@@ -168,8 +168,8 @@ def test_concurrent_tasks_call_the_client_app_one_at_a_time(monkeypatch):
 
 
 def test_clients_on_one_host_log_to_their_own_files_by_default(monkeypatch, tmp_path):
-    # Three clients started as the README's guide starts them (no --log) once wrote one shared
-    # supernode.log, their lines interleaved.
+    # Three clients started as docs/tutorials/grpc-federation.md starts them (no --log) once
+    # wrote one shared supernode.log, their lines interleaved.
     import signal as signal_module
 
     from fedvision.cli import main

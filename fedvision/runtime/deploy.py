@@ -217,7 +217,7 @@ def _tls_files(certs: Path | None, insecure: bool, *, server: bool) -> dict[str,
     if missing:
         raise FedvisionError(
             f"missing TLS file(s) {', '.join(missing)}: make them with `fedvision certs --out "
-            f"{certs}` on one machine and copy them as the README's deployment guide says"
+            f"{certs}` on one machine and copy them as docs/tutorials/grpc-federation.md says"
         )
     return files
 
