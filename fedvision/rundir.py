@@ -72,6 +72,8 @@ class RunPlan:
     partition_file : the clients' index lists into the training cache.
     server_val_file : training indices the server holds out for model selection (or None).
     client_device : the device simulated clients train on (a SuperNode's node config wins).
+    connect_timeout_s : how long the server waits for every client (the runtime's setting).
+    round_timeout_s : how long it waits for a round's replies; later ones count as failed.
     """
 
     num_classes: int
@@ -80,6 +82,9 @@ class RunPlan:
     partition_file: str
     server_val_file: str | None
     client_device: str
+    # Defaults: run directories prepared before the plan held them.
+    connect_timeout_s: float = 120.0
+    round_timeout_s: float = 3600.0
 
 
 def write_plan(run_dir: Path, plan: RunPlan) -> None:

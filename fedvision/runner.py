@@ -61,7 +61,7 @@ from fedvision.fl.parts import check_local_bn
 from fedvision.fl.privacy import check_privacy
 from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.secagg import check_secagg
-from fedvision.fl.server import check_strategy
+from fedvision.fl.strategy import check_strategy
 from fedvision.fl.system_round import check_system
 from fedvision.models import (
     ARCHITECTURES,
@@ -422,6 +422,8 @@ def _prepare_run_dir(
                 else None
             ),
             client_device=runtime.client_device(),
+            connect_timeout_s=runtime.connect_timeout_s,
+            round_timeout_s=runtime.round_timeout_s,
         )
         write_plan(run_dir, plan)
         print(

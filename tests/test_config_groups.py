@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from fedvision.config import CONF_DIR, compose_config
 from fedvision.fl.privacy import check_privacy
-from fedvision.fl.server import build_strategy, check_strategy
+from fedvision.fl.strategy import build_strategy, check_strategy
 from fedvision.runner import build_runtime, partition_spec
 from strategies.sampling import base_strategy
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from fedvision import constants as C
 from fedvision.config import compose_config
 from fedvision.errors import FedvisionError
-from fedvision.fl.server import check_strategy
+from fedvision.fl.strategy import check_strategy
 from strategies.fednova import FedNova, momentum_steps
 
 pytestmark = pytest.mark.usefixtures("task_identity")

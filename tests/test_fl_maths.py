@@ -11,8 +11,9 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
+from fedvision.fl.evaluation import federated_evaluate
 from fedvision.fl.round_config import round_lr, to_train_config, train_config
-from fedvision.fl.server import _federated_evaluate, build_strategy
+from fedvision.fl.strategy import build_strategy
 from strategies.sampling import SeededSampling, draw_partitions
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -249,6 +250,6 @@ def test_federated_evaluation_weights_clients_and_skips_empty_ones(sizes, want):
 
     strategy = SeededSampling(FedAvg(min_evaluate_nodes=1, min_available_nodes=1), seed=0)
     strategy.set_partitions({11: 0, 12: 1})
-    out = _federated_evaluate(Grid(), strategy, ArrayRecord(), None, ConfigRecord(), 1, 5)
+    out = federated_evaluate(Grid(), strategy, ArrayRecord(), None, ConfigRecord(), 1, 5)
     # Two clients with no validation data used to divide by a zero total weight.
     assert out["client_val_accuracy"] == (None if want is None else pytest.approx(want))

@@ -239,7 +239,7 @@ def test_plain_fedavg_is_the_example_weighted_mean_of_every_entry_and_keeps_the_
         "partition=dirichlet", "partition.alpha=0.5", "partition.min_size=4",
         "client.local_steps=3", "model.weights=none",
     )  # fmt: skip
-    import fedvision.fl.server as server
+    import fedvision.fl.loop as server
 
     rounds: dict[int, dict[str, torch.Tensor]] = {}
     save = server.save_checkpoint

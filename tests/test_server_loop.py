@@ -436,7 +436,7 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(
 def test_a_node_the_superlink_lost_is_asked_again_not_fatal():
     # CI, 2026-11-28: after a SuperLink restart a node still listed but not heartbeating got the
     # SuperLink's "Node Unavailable" error reply to its query, which failed the resumed run.
-    from fedvision.fl.server import ClientDirectory
+    from fedvision.fl.directory import ClientDirectory
 
     class Lagging(ScriptedGrid):
         def __init__(self):
@@ -476,7 +476,7 @@ class Listed(ScriptedGrid):
 
 
 def test_a_partition_belongs_to_its_first_claimant_while_it_is_connected():
-    from fedvision.fl.server import ClientDirectory
+    from fedvision.fl.directory import ClientDirectory
 
     events = []
     grid = Listed({101: 0, 102: 1})
@@ -523,7 +523,7 @@ def test_a_partition_belongs_to_its_first_claimant_while_it_is_connected():
 
 
 def test_a_resumed_server_keeps_the_claim_order_of_the_run():
-    from fedvision.fl.server import ClientDirectory
+    from fedvision.fl.directory import ClientDirectory
 
     # nodes.jsonl says 105 held partition 1 before the restart; 103 claims it too and would
     # come first among this server's answers (lower id), but 105 claimed first.

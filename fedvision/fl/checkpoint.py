@@ -16,7 +16,9 @@ reads it without unpickling code.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,3 +218,15 @@ def load_checkpoint(path: Path, *, arch: str, num_classes: int) -> Checkpoint:
         # Checkpoints written before DP-SGD steps were kept here hold none.
         dpsgd_steps={int(k): int(v) for k, v in raw.get("dpsgd_steps", {}).items()},
     )
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` atomically: a hard link where the file system allows, else a copy."""
+    # The best checkpoint is the latest one of its round: a hard link costs no second write.
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

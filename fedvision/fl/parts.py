@@ -12,17 +12,20 @@ model from the run's initial weights, checked by a fingerprint of everything tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
+from tqdm import tqdm
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import pack
+from fedvision.fl.feature import Feature
 from fedvision.models import ModelParts, batchnorm_keys, build_model, fingerprint, split_parts
 
 
@@ -167,3 +170,30 @@ def check_local_bn(cfg: Mapping[str, Any]) -> None:
             "+ its BatchNorm) on its local validation part: set strategy.fraction_evaluate > 0 "
             "(1.0: every client)"
         )
+
+
+class FedBNRound(Feature):
+    """FedBN in the round loop: counts the clients whose BatchNorm started from the base."""
+
+    @classmethod
+    def build(cls, cfg: Mapping[str, Any], resumed: Any) -> FedBNRound | None:
+        """The hook for a FedBN run (None otherwise); says what a resume cannot keep."""
+        if not local_bn(cfg):
+            return None
+        if resumed is not None:
+            tqdm.write(
+                "fedvision: FedBN resumes with every client's BatchNorm back at the initial "
+                "weights (the clients' own BatchNorm is not in the checkpoint)",
+                file=sys.stderr,
+            )
+        return cls()
+
+    def record(self, rnd: int, ok: Sequence[Message]) -> dict[str, Any]:
+        """``clients_new_bn``: each client once in a run, unless the runtime lost its state."""
+        return {
+            "clients_new_bn": sum(int(m.content[C.KEY_METRICS].get(C.KEY_NEW_BN, 0)) for m in ok)
+        }
+
+    def summary(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Marks the run as FedBN (its selection is on the clients' validation)."""
+        return {"local_bn": True}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -39,11 +40,13 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from hydra.utils import get_class, instantiate
+from tqdm import tqdm
 
 from fedvision import constants as C
 from fedvision.engine.dpsgd import DPSGDConfig, check_dpsgd, check_dpsgd_model
 from fedvision.errors import FedvisionError
 from fedvision.fl.checkpoint import strategy_chain
+from fedvision.fl.feature import Feature
 from fedvision.privacy import (
     SAMPLING_ASSUMPTION,
     ClientLevelAccountant,
@@ -444,3 +447,87 @@ def privacy_summary(
     if stopped:
         out["stopped"] = stopped
     return out
+
+
+class PrivacyRound(Feature):
+    """Privacy in the round loop: client-level DP's account and DP-SGD's steps per client.
+
+    Every round's config says which client-level mode is on (``none`` without DP). Under
+    client-level DP a round is released only while the budget allows, at the noise multiplier
+    its replies give, and every reply must weigh 1; under DP-SGD each client's steps so far
+    travel to it (its epsilon survives a resume) and are kept in the checkpoint.
+    """
+
+    def __init__(
+        self, cfg: Mapping[str, Any], account: ClientLevelAccountant | None, steps: Mapping
+    ) -> None:
+        self.cfg = cfg
+        self.account = account
+        self.sampled = num_sampled_clients(cfg)
+        self.dpsgd = bool(_privacy(cfg).get("dpsgd"))
+        self.dpsgd_steps = {int(k): int(v) for k, v in steps.items()}
+        self.released_at: float | None = None  # the multiplier this round is released at
+        self.withheld: str | None = None
+
+    @classmethod
+    def build(
+        cls, cfg: Mapping[str, Any], history: Sequence[Mapping[str, Any]], resumed: Any
+    ) -> PrivacyRound:
+        """The hook for a run; a resumed run continues its account and DP-SGD steps."""
+        steps = resumed.dpsgd_steps if resumed is not None else {}
+        return cls(cfg, accountant(cfg, history), steps)
+
+    def stop(self, rnd: int) -> str | None:
+        """The budget's reason to stop before round ``rnd``, if releasing it would pass it."""
+        return None if self.account is None else self.account.next_round_exceeds(rnd)
+
+    def round_config(self, rnd: int) -> dict[str, Any]:
+        """The privacy settings the clients need, and each client's DP-SGD steps so far."""
+        self.released_at, self.withheld = None, None
+        out: dict[str, Any] = dict(privacy_round_config(self.cfg))
+        if self.dpsgd:
+            n = int(self.cfg["num_clients"])
+            out[C.KEY_DPSGD_PRIOR] = [int(self.dpsgd_steps.get(p, 0)) for p in range(n)]
+        return out
+
+    def replied(self, ok: Sequence[Message], partition_of: Mapping[int, int]) -> None:
+        """Each client's DP-SGD steps so far, late replies' included (they trained)."""
+        for m in ok:
+            if C.KEY_DPSGD_STEPS in m.content[C.KEY_METRICS]:
+                pid = partition_of[m.metadata.src_node_id]
+                self.dpsgd_steps[pid] = int(m.content[C.KEY_METRICS][C.KEY_DPSGD_STEPS])
+
+    def release(self, rnd: int, ok: Sequence[Message], strategy: Strategy) -> bool:
+        """Whether the round's noisy aggregate stays within the budget (always without DP)."""
+        if self.account is None:
+            return True
+        check_equal_weights(ok)
+        # Flower's wrappers keep the noise of `sampled` replies for fewer: account for it.
+        self.released_at = release_noise_multiplier(strategy, self.sampled, len(ok))
+        if withheld := self.account.exceeds(rnd, self.released_at):
+            self.released_at, self.withheld = None, withheld
+            tqdm.write(f"fedvision: {withheld}; round {rnd} is not released", file=sys.stderr)
+            return False
+        return True
+
+    def after_aggregate(self, aggregated: bool) -> None:
+        """Compose the release into the account (nothing was released without an aggregate)."""
+        if aggregated and self.released_at is not None:
+            self.account.step(self.released_at)
+        else:
+            self.released_at = None
+
+    def record(self, rnd: int, ok: Sequence[Message]) -> dict[str, Any]:
+        """Epsilon so far, releases, the round's multiplier, DP-SGD's largest epsilon."""
+        out = privacy_record(self.account, ok, self.released_at)
+        if self.withheld:
+            out["dp_withheld"] = self.withheld
+        return out
+
+    def checkpoint(self) -> dict[str, Any]:
+        """DP-SGD's steps per client: a resumed run's epsilon continues from them."""
+        return {"dpsgd_steps": dict(self.dpsgd_steps)}
+
+    def summary(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The run's privacy (empty without DP)."""
+        return privacy_summary(self.cfg, self.account, records, None)

@@ -35,11 +35,11 @@ from fedvision import constants as C
 from fedvision.data.partition import load_partition
 from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import float32_arrays, layout_of, unpack
-from fedvision.fl.checkpoint import Checkpoint, rng_state, save_checkpoint
+from fedvision.fl.checkpoint import Checkpoint, link_or_copy, rng_state, save_checkpoint
+from fedvision.fl.evaluation import CentralEvaluator, selection_key
 from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset, travelling
 from fedvision.fl.privacy import client_level_mode, num_sampled_clients
 from fedvision.fl.round_config import lr_horizon, train_config
-from fedvision.fl.server import CentralEvaluator, link_or_copy, selection_key
 from fedvision.report.metrics import RunRecorder
 from fedvision.report.tracking import build_tracker
 from fedvision.rundir import RunPlan, read_plan
@@ -316,7 +316,7 @@ def serve_secagg(
     scfg, n = cfg["strategy"], int(cfg["num_clients"])
     strategy = FedAvgOfUpdates(
         seed=int(cfg["seed"]),  # round r trains the same partitions in every run
-        query_timeout_s=float(cfg["runtime"].get("connect_timeout_s", 120)),
+        query_timeout_s=plan.connect_timeout_s,
         fraction_fit=float(scfg.get("fraction_train", 1.0)),
         fraction_evaluate=0.0,
         min_fit_clients=max(2, int(scfg.get("min_train_nodes", 2))),
@@ -335,7 +335,7 @@ def serve_secagg(
     )
     timeout = settings["timeout"]
     if timeout is None:
-        timeout = float(cfg["runtime"].get("round_timeout_s", 3600))
+        timeout = plan.round_timeout_s
     workflow = build_workflow(settings, rounds.max_weight, float(timeout))
     t_start = time.perf_counter()
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)

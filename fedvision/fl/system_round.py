@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from fedvision import constants as C
 from fedvision.atomic import write_json_atomic
 from fedvision.errors import FedvisionError
+from fedvision.fl.feature import Feature
 from fedvision.fl.system import ClientPlan, SystemConfig, SystemModel
 
 
@@ -32,7 +33,7 @@ def _bytes(msg: Message) -> int:
     return sum(a.count_bytes() for a in msg.content.array_records.values())
 
 
-class SystemRound:
+class SystemRound(Feature):
     """Owns a run's simulated devices, the round's plans and the simulated clock."""
 
     def __init__(self, model: SystemModel, sim_time_s: float = 0.0) -> None:

@@ -15,6 +15,8 @@ class Runtime(Protocol):
     """
 
     name: str
+    connect_timeout_s: float  # the server waits this long for every client (run.json)
+    round_timeout_s: float  # and this long for a round's replies
 
     def check(self) -> None: ...
 

@@ -1,0 +1,291 @@
+"""The round loop: resume, configure, exchange, aggregate, evaluate, record, checkpoint.
+
+This is the loop of ``flwr.serverapp.strategy.Strategy.start`` with what a research run needs
+on top: a start round (resume), checkpoints with the strategy's state, model selection on
+validation data, metrics per round and a progress line. Sampling, configuring and aggregating
+are the strategy's (``strategies.sampling.SeededSampling`` around a Flower strategy); no
+training happens here, the global model is only evaluated.
+
+The server keeps the whole global model but hands the strategy only the parameters that train
+(minus FedBN's local BatchNorm: ``fedvision.fl.parts``), then merges the aggregate back, so any
+strategy aggregates exactly the parameters. BatchNorm running statistics travel beside them and
+are averaged here by example count; counters never travel.
+
+A feature that changes a round (differential privacy, simulated devices, FedBN) is a
+:class:`Feature`: the loop calls its hooks at fixed points and knows nothing else of it. A new
+feature implements the hooks it needs and adds one line to :func:`features`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from tqdm import tqdm
+
+from fedvision import constants as C
+from fedvision.errors import FedvisionError
+from fedvision.fl.arrays import float32_arrays, layout_of, pack, unpack
+from fedvision.fl.checkpoint import (
+    Checkpoint,
+    link_or_copy,
+    load_checkpoint,
+    restore_rng_state,
+    restore_strategy_state,
+    rng_state,
+    save_checkpoint,
+    strategy_state,
+)
+from fedvision.fl.directory import (
+    ClientDirectory,
+    exchange,
+    failures_of,
+    first_error,
+    in_partition_order,
+    node_log,
+)
+from fedvision.fl.evaluation import CentralEvaluator, federated_evaluate, selection_key
+from fedvision.fl.feature import Feature
+from fedvision.fl.parts import (
+    base_fingerprint,
+    mean_stats,
+    merge,
+    packed_stats,
+    run_parts,
+    subset,
+    take_stats,
+    with_stats,
+)
+from fedvision.fl.round_config import lr_horizon, train_config
+from fedvision.fl.strategy import build_strategy
+from fedvision.report.metrics import RunRecorder, read_metrics
+from fedvision.report.tracking import build_tracker
+from fedvision.rundir import read_node_events, read_plan
+
+
+def features(
+    cfg: Mapping[str, Any], run_dir: Path, history: Sequence[Mapping[str, Any]], resumed: Any
+) -> list[Feature]:
+    """The run's features, built once from its config (``resumed``: the checkpoint, or None)."""
+    from fedvision.fl.parts import FedBNRound
+    from fedvision.fl.privacy import PrivacyRound
+    from fedvision.fl.system_round import SystemRound
+
+    built = (
+        PrivacyRound.build(cfg, history, resumed),
+        SystemRound.build(cfg, run_dir, history),
+        FedBNRound.build(cfg, resumed),
+    )
+    return [f for f in built if f is not None]
+
+
+def _bytes(messages: Sequence[Message]) -> int:
+    return sum(a.count_bytes() for m in messages for a in m.content.array_records.values())
+
+
+def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> dict[str, Any]:
+    """Run a prepared run directory's remaining rounds on ``grid``; its ``summary.json`` content."""
+    timings = {"server_start": started}
+    plan = read_plan(run_dir)
+    num_rounds, num_classes = int(cfg["num_rounds"]), plan.num_classes
+    arch, horizon = str(cfg["model"]["name"]), lr_horizon(cfg)
+    timeout = float(plan.round_timeout_s)
+    strategy = build_strategy(cfg, wait_timeout_s=plan.connect_timeout_s)
+    evaluator = CentralEvaluator(cfg, plan)
+    select_on = selection_key(cfg, plan)
+
+    latest = run_dir / C.CKPT_LATEST
+    resumed = None
+    if latest.exists():  # continue where the run stopped
+        resumed = load_checkpoint(latest, arch=arch, num_classes=num_classes)
+        if resumed.lr_horizon != horizon:
+            raise FedvisionError(
+                f"{latest} ran a learning-rate schedule over {resumed.lr_horizon} rounds, the "
+                f"config says {horizon}; a resumed run keeps its schedule"
+            )
+        restore_strategy_state(strategy, resumed.strategy)
+        restore_rng_state(resumed.rng)
+        arrays, start = resumed.arrays(), resumed.round
+        history = [r for r in read_metrics(run_dir) if int(r["round"]) <= start]
+    else:
+        initial = torch.load(run_dir / C.RUN_INITIAL, map_location="cpu", weights_only=True)
+        arrays, start, history = float32_arrays(initial), 0, []
+    recorder = RunRecorder(
+        run_dir, history, select_on=select_on, tracker=build_tracker(cfg, run_dir)
+    )
+    hooks = features(cfg, run_dir, history, resumed)
+    # The strategy sees only what training changes (and FedBN keeps BatchNorm on the clients);
+    # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
+    parts = run_parts(cfg, num_classes)
+    base_fp = base_fingerprint(arrays, parts)
+    layout = layout_of(subset(arrays, parts.shared))  # how the packed parameters are cut up
+    stats_layout = layout_of(subset(arrays, parts.stats))  # and the packed BatchNorm statistics
+    from fedvision.fl.privacy import server_clipping_norm, update_norm_record
+
+    clip_norm = server_clipping_norm(cfg)
+
+    def checkpoint(
+        rnd: int, arrays: ArrayRecord, best_round: int | None, best_value: float | None
+    ) -> Checkpoint:
+        kept = {k: v for h in hooks for k, v in h.checkpoint().items()}
+        return Checkpoint(
+            model=arrays.to_torch_state_dict(), arch=arch, num_classes=num_classes, round=rnd,
+            lr_horizon=horizon, strategy=strategy_state(strategy), rng=rng_state(),
+            best_round=best_round, best_value=best_value, **kept,
+        )  # fmt: skip
+
+    if start == 0:
+        recorder.append({"round": 0, **evaluator(arrays), "train_loss": None})
+        if recorder.best_with()[0] == 0:  # the starting model is a candidate too
+            save_checkpoint(run_dir / C.CKPT_BEST, checkpoint(0, arrays, *recorder.best_with()))
+    timings["round0_done"] = time.time()
+
+    # After the round-0 evaluation: it runs while the clients' processes start.
+    held = read_node_events(run_dir)
+    directory = ClientDirectory(
+        int(cfg["num_clients"]),
+        on_event=node_log(run_dir),
+        held_before=[(e["node"], e["partition"]) for e in held if e["event"] == "holds"],
+    )
+    directory.wait_for_all(grid, float(plan.connect_timeout_s))
+    timings["clients_ready"] = time.time()
+    min_replies = int(cfg.get("min_train_replies", 1))
+
+    bar = tqdm(
+        total=num_rounds, initial=start, desc="rounds", unit="round",
+        disable=not cfg.get("progress", True), dynamic_ncols=True,
+    )  # fmt: skip
+    t_start = time.perf_counter()
+    stopped: str | None = None
+    for rnd in range(start + 1, num_rounds + 1):
+        if stopped := next((s for h in hooks if (s := h.stop(rnd))), None):
+            tqdm.write(
+                f"fedvision: {stopped}; the run stops after round {rnd - 1}", file=sys.stderr
+            )
+            break
+        t0 = time.perf_counter()
+        if rnd == start + 1:
+            timings["first_round_start"] = time.time()
+        config = ConfigRecord(
+            {**train_config(cfg, rnd, num_classes), C.KEY_BASE_FINGERPRINT: base_fp}
+        )
+        for h in hooks:
+            config.update(h.round_config(rnd))
+        # Clients that restarted or reconnected come back under new node ids.
+        joined = directory.refresh(grid)
+        partition_of = dict(directory.partition_of)
+        strategy.set_partitions(partition_of)
+
+        # Configure and exchange.
+        shared = pack(subset(arrays, parts.shared))
+        stats = packed_stats(arrays, parts)
+        messages = with_stats(strategy.configure_train(rnd, shared, config, grid), stats)
+        pids = sorted(partition_of[m.metadata.dst_node_id] for m in messages)
+        for h in hooks:
+            messages = h.plan(rnd, messages, partition_of)
+        bytes_down = _bytes(messages)
+        replies = in_partition_order(
+            exchange(grid, messages, timeout) if messages else [], partition_of
+        )
+        ok = [m for m in replies if not m.has_error()]
+        for h in hooks:
+            h.replied(ok, partition_of)
+        failures = failures_of(messages, replies, partition_of)
+        if not ok and messages:
+            raise FedvisionError(f"round {rnd}: every client failed; first: {first_error(replies)}")
+        record: dict[str, Any] = {}
+        for h in hooks:
+            ok, extra = h.settle(ok, partition_of)
+            record.update(extra)
+        replies = [m for m in replies if m.has_error() or any(m is a for a in ok)]
+        aggregate = len(ok) >= min_replies
+        if failures:
+            # Recorded in metrics.jsonl too; said here so that nobody misses it.
+            tqdm.write(
+                f"fedvision: round {rnd}: {len(failures)} of {len(messages)} clients failed "
+                f"({failures[0]['reason']}); "
+                + (
+                    f"aggregating the other {len(ok)}"
+                    if aggregate
+                    else f"{len(ok)} replies < min_train_replies={min_replies}: the global "
+                    "model stays as it was"
+                ),
+                file=sys.stderr,
+            )
+
+        # Aggregate. Bytes are counted first: some strategies empty the replies they aggregate.
+        bytes_up = _bytes(ok)
+        client_stats = take_stats(ok)  # the strategy gets parameters only
+        record.update(update_norm_record(ok, shared, clip_norm))
+        aggregate = aggregate and all([h.release(rnd, ok, strategy) for h in hooks])
+        train_metrics, new_arrays = None, None
+        if aggregate:
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = merge(arrays, unpack(float32_arrays(new_arrays), layout))
+                if (mean := mean_stats(client_stats)) is not None:
+                    arrays = merge(arrays, unpack(mean, stats_layout))
+        for h in hooks:
+            h.after_aggregate(new_arrays is not None)
+
+        # Record and evaluate.
+        record = {
+            "round": rnd,
+            "train_loss": train_metrics.get(C.KEY_TRAIN_LOSS) if train_metrics else None,
+            "train_accuracy": train_metrics.get(C.KEY_TRAIN_ACC) if train_metrics else None,
+            "num_clients": len(ok),
+            "num_failures": len(failures),
+            "clients": pids,
+            "lr": config["lr"],
+            "bytes_down": int(bytes_down),
+            "bytes_up": int(bytes_up),
+            **record,
+        }
+        for h in hooks:
+            record.update(h.record(rnd, ok))
+        if failures:
+            record["failures"] = failures
+        if not aggregate:
+            record["aggregated"] = False
+        if joined and rnd > start + 1:
+            record["clients_joined"] = joined  # came (back) during the run
+        shared, stats = pack(subset(arrays, parts.shared)), packed_stats(arrays, parts)
+        record.update(federated_evaluate(grid, strategy, shared, stats, config, rnd, timeout))
+        if rnd % int(cfg["eval_every"]) == 0 or rnd == num_rounds:
+            record.update(evaluator(arrays))
+
+        # Checkpoint: written inside the timed round, put in place after the metrics line, so a
+        # crash in between leaves the previous checkpoint and resume redoes this round.
+        best_round, best_value = recorder.best_with(record)
+        tmp = latest.with_name(latest.name + ".next")
+        if hasattr(grid, "check"):
+            grid.check()  # a server that lost its run to a restarted one writes nothing more
+        save_checkpoint(tmp, checkpoint(rnd, arrays, best_round, best_value))
+        record["round_s"] = round(time.perf_counter() - t0, 3)
+        recorder.append(record)
+        os.replace(tmp, latest)
+        if best_round == rnd:
+            link_or_copy(latest, run_dir / C.CKPT_BEST)
+        bar.set_postfix(
+            val=_fmt(record.get(select_on or "")), test=_fmt(record.get("test_accuracy")),
+            refresh=False,
+        )  # fmt: skip
+        bar.update(1)
+    bar.close()
+    extra: dict[str, Any] = {"timings": timings}
+    for h in hooks:
+        extra.update(h.summary(recorder.records))
+    if stopped:
+        extra["stopped"] = stopped
+    return recorder.finish(num_rounds=num_rounds, wall_s=time.perf_counter() - t_start, extra=extra)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
