@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedvision import constants as C
 from fedvision.config import compose_config
-from fedvision.runner import partition_spec, prepare_data, write_partition
+from fedvision.prepare import partition_spec, prepare_data, write_partition
 
 
 def partition_command(overrides: Sequence[str], out: Path, *, progress: bool = True) -> str:

@@ -49,6 +49,7 @@ from fedvision.engine import (
 from fedvision.errors import FedvisionError
 from fedvision.models import build_model, list_architectures
 from fedvision.paths import fedvision_home
+from fedvision.prepare import check_weights, prepare_data, resolve_weights
 from fedvision.report.plots import plot_curves
 from fedvision.rundir import DirGuard, read_status, write_status
 
@@ -97,7 +98,6 @@ def check_pretrain_config(cfg: DictConfig) -> None:
         raise FedvisionError(f"data.size={cfg.data.size} must be >= 8 pixels")
     if str(cfg.model.name) not in list_architectures():
         build_model(str(cfg.model.name), 2)  # raises the error with close names
-    from fedvision.runner import check_weights
 
     # pretrained: the cached source-class model, e.g. for central fine-tuning references and
     # linear probes on the target classes (the transfer experiment).
@@ -111,7 +111,6 @@ def _splits(cfg: DictConfig) -> tuple[DecodedCache, np.ndarray, np.ndarray, Deco
     dataset's own val split is the test split, reported every epoch and never used to select,
     as in ``fedvision run`` (so central references and federated runs are comparable).
     """
-    from fedvision.runner import prepare_data  # the run's data preparation, shared
 
     prepared = prepare_data(cfg.data, progress=bool(cfg.progress))
     train = prepared.train
@@ -209,9 +208,9 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
     train, train_idx, val_idx, test = _splits(cfg)
     classes = list(train.class_names)
     device = resolve_device(str(cfg.device))
-    from fedvision.runner import resolve_weights  # runner imports this module
 
-    weights = resolve_weights(cfg)  # pretrained: the built-in backbone (data.root: the best start)
+    # pretrained: the built-in backbone (data.root: the best start)
+    weights = resolve_weights(cfg, ensure_pretrained)
     torch.manual_seed(int(cfg.seed))
     model = build_model(
         str(cfg.model.name),
@@ -395,7 +394,6 @@ def ensure_pretrained(arch: str, size: int, *, progress: bool = True) -> Path:
     and data options and the source dataset's fingerprint, so a change to any of them makes a
     new model instead of reusing a stale one.
     """
-    from fedvision.runner import prepare_data
 
     cfg = default_pretrain_config(arch, size, progress=progress)
     check_pretrain_config(cfg)

@@ -42,7 +42,7 @@ from fedvision.data.partition import holdout_split
 from fedvision.engine import TrainConfig, evaluate, train_local, warmup_cosine
 from fedvision.errors import FedvisionError
 from fedvision.models import build_model
-from fedvision.runner import prepare_data
+from fedvision.prepare import prepare_data
 
 STARTS = ("pretrained", "scratch", "probe")  # target fine-tuning: from backbone, random, head only
 METRICS = ("source_val", *(f"{s}_{m}" for s in STARTS for m in ("val", "test")))

@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from fedvision.config import CONF_DIR, compose_config
 from fedvision.fl.privacy import check_privacy
 from fedvision.fl.strategy import build_strategy, check_strategy
-from fedvision.runner import build_runtime, partition_spec
+from fedvision.prepare import partition_spec
+from fedvision.runner import build_runtime
 from strategies.sampling import base_strategy
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())

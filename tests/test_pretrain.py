@@ -209,10 +209,14 @@ def test_pretrained_on_a_users_folder_takes_the_best_start_and_says_which(
     dataset, tmp_path, monkeypatch, capsys
 ):
     from fedvision.models import imagenet_weights_file
-    from fedvision.runner import check_weights, resolve_weights
+    from fedvision.prepare import check_weights
+    from fedvision.prepare import resolve_weights as resolve
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(P, "ensure_pretrained", lambda arch, size, progress=True: Path("/b.pt"))
+
+    def resolve_weights(cfg):  # the built-in backbone's maker is the caller's
+        return resolve(cfg, lambda arch, size, progress=True: Path("/b.pt"))
+
     cfg = compose_config([f"data.root={dataset}", "model.weights=pretrained", "progress=false"])
     check_weights(cfg.model, cfg.data)  # no longer refused
     # No ImageNet file on this machine: the built-in backbone, said in one line.

@@ -247,6 +247,13 @@ def test_impossible_privacy_settings_are_refused_in_one_line_before_any_work(ove
     assert "\n" not in str(info.value)
 
 
+def test_client_level_dp_accepts_batchnorm_in_eval_mode_whose_statistics_never_travel():
+    base = ["runtime=prepare_only", "privacy=server_fixed"]
+    with pytest.raises(FedvisionError, match=r"client\.bn_mode=eval"):
+        check_config(compose_config(base))  # the refusal names the new way out
+    check_config(compose_config([*base, "client.bn_mode=eval"]))  # nothing un-noised travels
+
+
 def test_dpsgd_refuses_a_model_opacus_cannot_train_in_one_line():
     # A trainable layer with buffers (running statistics) that is no BatchNorm: not fixable here.
     net = nn.Sequential(

@@ -274,8 +274,9 @@ def check_statistics_stay(cfg: Mapping[str, Any]) -> None:
             f"client-level DP noises parameters only, but {model['name']} with "
             f"model.finetune={model.get('finetune', 'full')} also sends BatchNorm running "
             "statistics (averages of each client's data) un-noised: use model.finetune=head "
-            "(BatchNorm frozen), client.local_bn=true (FedBN keeps BatchNorm on the clients) or "
-            "a model without BatchNorm"
+            "(BatchNorm frozen), client.bn_mode=eval (BatchNorm keeps the statistics it was "
+            "sent), client.local_bn=true (FedBN keeps BatchNorm on the clients) or a model "
+            "without BatchNorm"
         )
 
 
