@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,22 @@ def failures_of(
                 }
             )
     return sorted(out, key=lambda f: (f["partition"] is None, f["partition"] or 0))
+
+
+def say_failures(
+    rnd: int, failures: Sequence[Mapping[str, Any]], sent: int, ok: int, min_replies: int
+) -> None:
+    """One stderr line: how many of the ``sent`` clients failed, why, and what the round does."""
+    then = (
+        f"aggregating the other {ok}"
+        if ok >= min_replies
+        else f"{ok} replies < min_train_replies={min_replies}: the global model stays as it was"
+    )
+    tqdm.write(
+        f"fedvision: round {rnd}: {len(failures)} of {sent} clients failed "
+        f"({failures[0]['reason']}); {then}",
+        file=sys.stderr,
+    )
 
 
 def first_error(replies: Iterable[Message]) -> str:

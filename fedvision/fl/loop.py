@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
 from fedvision import constants as C
@@ -50,10 +51,12 @@ from fedvision.fl.directory import (
     first_error,
     in_partition_order,
     node_log,
+    say_failures,
 )
 from fedvision.fl.evaluation import CentralEvaluator, federated_evaluate, selection_key
 from fedvision.fl.feature import Feature
 from fedvision.fl.parts import (
+    FedBNRound,
     base_fingerprint,
     mean_stats,
     merge,
@@ -63,27 +66,52 @@ from fedvision.fl.parts import (
     take_stats,
     with_stats,
 )
+from fedvision.fl.privacy import PrivacyRound, server_clipping_norm, update_norm_record
 from fedvision.fl.round_config import lr_horizon, train_config
 from fedvision.fl.strategy import build_strategy
+from fedvision.fl.system_round import SystemRound
 from fedvision.report.metrics import RunRecorder, read_metrics
 from fedvision.report.tracking import build_tracker
 from fedvision.rundir import read_node_events, read_plan
 
 
 def features(
-    cfg: Mapping[str, Any], run_dir: Path, history: Sequence[Mapping[str, Any]], resumed: Any
+    cfg: Mapping[str, Any],
+    run_dir: Path,
+    history: Sequence[Mapping[str, Any]],
+    resumed: Checkpoint | None,
 ) -> list[Feature]:
     """The run's features, built once from its config (``resumed``: the checkpoint, or None)."""
-    from fedvision.fl.parts import FedBNRound
-    from fedvision.fl.privacy import PrivacyRound
-    from fedvision.fl.system_round import SystemRound
-
     built = (
         PrivacyRound.build(cfg, history, resumed),
         SystemRound.build(cfg, run_dir, history),
         FedBNRound.build(cfg, resumed),
     )
     return [f for f in built if f is not None]
+
+
+def _resume(
+    run_dir: Path, strategy: Strategy, arch: str, num_classes: int, horizon: int
+) -> tuple[Checkpoint | None, ArrayRecord, int, list[dict[str, Any]]]:
+    """Where the run starts: its latest checkpoint (strategy and RNG restored), else round 0.
+
+    Returns the checkpoint (None for a new run), the global model, its round and the metric
+    records up to that round.
+    """
+    latest = run_dir / C.CKPT_LATEST
+    if not latest.exists():
+        initial = torch.load(run_dir / C.RUN_INITIAL, map_location="cpu", weights_only=True)
+        return None, float32_arrays(initial), 0, []
+    resumed = load_checkpoint(latest, arch=arch, num_classes=num_classes)
+    if resumed.lr_horizon != horizon:
+        raise FedvisionError(
+            f"{latest} ran a learning-rate schedule over {resumed.lr_horizon} rounds, the "
+            f"config says {horizon}; a resumed run keeps its schedule"
+        )
+    restore_strategy_state(strategy, resumed.strategy)
+    restore_rng_state(resumed.rng)
+    history = [r for r in read_metrics(run_dir) if int(r["round"]) <= resumed.round]
+    return resumed, resumed.arrays(), resumed.round, history
 
 
 def _bytes(messages: Sequence[Message]) -> int:
@@ -102,21 +130,7 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     select_on = selection_key(cfg, plan)
 
     latest = run_dir / C.CKPT_LATEST
-    resumed = None
-    if latest.exists():  # continue where the run stopped
-        resumed = load_checkpoint(latest, arch=arch, num_classes=num_classes)
-        if resumed.lr_horizon != horizon:
-            raise FedvisionError(
-                f"{latest} ran a learning-rate schedule over {resumed.lr_horizon} rounds, the "
-                f"config says {horizon}; a resumed run keeps its schedule"
-            )
-        restore_strategy_state(strategy, resumed.strategy)
-        restore_rng_state(resumed.rng)
-        arrays, start = resumed.arrays(), resumed.round
-        history = [r for r in read_metrics(run_dir) if int(r["round"]) <= start]
-    else:
-        initial = torch.load(run_dir / C.RUN_INITIAL, map_location="cpu", weights_only=True)
-        arrays, start, history = float32_arrays(initial), 0, []
+    resumed, arrays, start, history = _resume(run_dir, strategy, arch, num_classes, horizon)
     recorder = RunRecorder(
         run_dir, history, select_on=select_on, tracker=build_tracker(cfg, run_dir)
     )
@@ -127,8 +141,6 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     base_fp = base_fingerprint(arrays, parts)
     layout = layout_of(subset(arrays, parts.shared))  # how the packed parameters are cut up
     stats_layout = layout_of(subset(arrays, parts.stats))  # and the packed BatchNorm statistics
-    from fedvision.fl.privacy import server_clipping_norm, update_norm_record
-
     clip_norm = server_clipping_norm(cfg)
 
     def checkpoint(
@@ -206,19 +218,8 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
             record.update(extra)
         replies = [m for m in replies if m.has_error() or any(m is a for a in ok)]
         aggregate = len(ok) >= min_replies
-        if failures:
-            # Recorded in metrics.jsonl too; said here so that nobody misses it.
-            tqdm.write(
-                f"fedvision: round {rnd}: {len(failures)} of {len(messages)} clients failed "
-                f"({failures[0]['reason']}); "
-                + (
-                    f"aggregating the other {len(ok)}"
-                    if aggregate
-                    else f"{len(ok)} replies < min_train_replies={min_replies}: the global "
-                    "model stays as it was"
-                ),
-                file=sys.stderr,
-            )
+        if failures:  # recorded in metrics.jsonl too; said here so that nobody misses it
+            say_failures(rnd, failures, len(messages), len(ok), min_replies)
 
         # Aggregate. Bytes are counted first: some strategies empty the replies they aggregate.
         bytes_up = _bytes(ok)
