@@ -46,6 +46,7 @@ from fedvision.fl.checkpoint import (
 )
 from fedvision.fl.directory import (
     ClientDirectory,
+    InterruptibleGrid,
     exchange,
     failures_of,
     first_error,
@@ -212,10 +213,10 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
         failures = failures_of(messages, replies, partition_of)
         if not ok and messages:
             raise FedvisionError(f"round {rnd}: every client failed; first: {first_error(replies)}")
-        record: dict[str, Any] = {}
+        settled: dict[str, Any] = {}  # what the features say of the replies that count
         for h in hooks:
-            ok, extra = h.settle(ok, partition_of)
-            record.update(extra)
+            ok, metrics = h.settle(ok, partition_of)
+            settled.update(metrics)
         replies = [m for m in replies if m.has_error() or any(m is a for a in ok)]
         aggregate = len(ok) >= min_replies
         if failures:  # recorded in metrics.jsonl too; said here so that nobody misses it
@@ -224,7 +225,7 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
         # Aggregate. Bytes are counted first: some strategies empty the replies they aggregate.
         bytes_up = _bytes(ok)
         client_stats = take_stats(ok)  # the strategy gets parameters only
-        record.update(update_norm_record(ok, shared, clip_norm))
+        norms = update_norm_record(ok, shared, clip_norm)
         aggregate = aggregate and all([h.release(rnd, ok, strategy) for h in hooks])
         train_metrics, new_arrays = None, None
         if aggregate:
@@ -247,7 +248,8 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
             "lr": config["lr"],
             "bytes_down": int(bytes_down),
             "bytes_up": int(bytes_up),
-            **record,
+            **settled,
+            **norms,
         }
         for h in hooks:
             record.update(h.record(rnd, ok))
@@ -266,7 +268,7 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
         # crash in between leaves the previous checkpoint and resume redoes this round.
         best_round, best_value = recorder.best_with(record)
         tmp = latest.with_name(latest.name + ".next")
-        if hasattr(grid, "check"):
+        if isinstance(grid, InterruptibleGrid):
             grid.check()  # a server that lost its run to a restarted one writes nothing more
         save_checkpoint(tmp, checkpoint(rnd, arrays, best_round, best_value))
         record["round_s"] = round(time.perf_counter() - t0, 3)
