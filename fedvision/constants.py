@@ -101,7 +101,7 @@ KEY_CONTROL = "scaffold-c"  # train message: the server's control variate c (pac
 KEY_CONTROL_DELTA = "scaffold-dc"  # train reply: c_i+ - c_i (packed like the model)
 STATE_CONTROL = "fedvision-scaffold-ci"  # Context.state record: this client's control variate c_i
 KEY_STEPS = "steps"  # train reply metric: local optimiser steps done (FedNova's tau_i)
-KEY_MOMENTUM = "momentum"  # train reply metric: the SGD momentum the client trained with
+KEY_MOMENTUM = "momentum"  # train config and reply metric: the SGD momentum of local training
 # --- simulated system heterogeneity (appended; see fedvision/fl/system.py) ----------------------
 RUN_SYSTEM = "system.json"  # each client's simulated device: speed (samples/s), bandwidth (B/s)
 REPORT_SIM_PLOT = "report_sim_time.png"  # fedvision report: test accuracy over simulated time
@@ -120,3 +120,19 @@ KEY_DPSGD_PRIOR = "dpsgd-prior-steps"  # round config: DP-SGD steps per partitio
 KEY_SECAGG_MAX_WEIGHT = "secagg-max-weight"  # round config: the weight that maps to ratio 1
 KEY_SECAGG_CLIP = "secagg-clipping-range"  # round config: SecAgg+ clips weighted values to +-this
 KEY_SECAGG_CLIPPED = "secagg-clipped"  # train reply metric: values of this update SecAgg+ clips
+
+# --- the round's train config (server -> client; fedvision/fl/round_config.py) -------------------
+KEY_MODEL_NAME = "model-name"  # the architecture, as conf/model names it
+KEY_MODEL_FINETUNE = "model-finetune"  # full | head | last_k
+KEY_MODEL_LAST_K = "model-last-k"  # blocks that train under last_k
+KEY_NUM_CLASSES = "num-classes"  # classes of the run's dataset (the head's width)
+KEY_LOCAL_EPOCHS = "local-epochs"  # epochs over the client's data (0: the step count alone)
+KEY_LOCAL_STEPS = "local-steps"  # a cap on local steps (-1: none)
+KEY_BATCH_SIZE = "batch-size"
+KEY_OPTIMIZER = "optimizer"  # sgd | adam | adamw
+KEY_LR = "lr"  # this round's learning rate (the schedule is the server's)
+KEY_WEIGHT_DECAY = "weight-decay"
+KEY_AUGMENT = "augment"  # an augmentation preset of fedvision/data/transforms.py
+KEY_NORMALISE = "normalise"  # imagenet | none
+KEY_BACKBONE_LR_FACTOR = "backbone-lr-factor"  # lr outside the head, as a multiple of lr
+KEY_SEED = "seed"  # the run's seed; each client derives its own per round

@@ -213,10 +213,10 @@ def load_global(
     """
     device = resolve_device(str(node.get(C.NODE_DEVICE, "auto")))
     key = (
-        str(cfg["model-name"]),
-        int(cfg["num-classes"]),
-        str(cfg["model-finetune"]),
-        int(cfg["model-last-k"]),
+        str(cfg[C.KEY_MODEL_NAME]),
+        int(cfg[C.KEY_NUM_CLASSES]),
+        str(cfg[C.KEY_MODEL_FINETUNE]),
+        int(cfg[C.KEY_MODEL_LAST_K]),
         str(device),
     )
     model = _model(*key)
@@ -337,7 +337,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     record = msg.content[C.KEY_CONFIG]
     res = evaluate(
         model, cache.images, cache.labels, val_idx, device=device,
-        normalise=str(record.get("normalise", "imagenet")),
+        normalise=str(record.get(C.KEY_NORMALISE, "imagenet")),
     )  # fmt: skip
     metrics = MetricRecord(
         {

@@ -245,7 +245,7 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
             "num_clients": len(ok),
             "num_failures": len(failures),
             "clients": pids,
-            "lr": config["lr"],
+            "lr": config[C.KEY_LR],
             "bytes_down": int(bytes_down),
             "bytes_up": int(bytes_up),
             **settled,

@@ -57,23 +57,23 @@ def train_config(
     client, model = cfg["client"], cfg["model"]
     steps = client.get("local_steps")
     return {
-        "model-name": str(model["name"]),
-        "model-finetune": str(model.get("finetune", "full")),
-        "model-last-k": int(model.get("last_k", 1)),
+        C.KEY_MODEL_NAME: str(model["name"]),
+        C.KEY_MODEL_FINETUNE: str(model.get("finetune", "full")),
+        C.KEY_MODEL_LAST_K: int(model.get("last_k", 1)),
         C.KEY_LOCAL_BN: bool(client.get("local_bn", False)),
-        "num-classes": int(num_classes),
-        "local-epochs": int(client["local_epochs"]),
-        "local-steps": -1 if steps is None else int(steps),
-        "batch-size": int(client["batch_size"]),
-        "optimizer": str(client["optimizer"]),
-        "lr": float(round_lr(client, server_round, lr_horizon(cfg))),
-        "momentum": float(client.get("momentum", 0.0)),
-        "weight-decay": float(client.get("weight_decay", 0.0)),
-        "augment": str(client.get("augment", "none")),
-        "normalise": model_normalise(cfg),
+        C.KEY_NUM_CLASSES: int(num_classes),
+        C.KEY_LOCAL_EPOCHS: int(client["local_epochs"]),
+        C.KEY_LOCAL_STEPS: -1 if steps is None else int(steps),
+        C.KEY_BATCH_SIZE: int(client["batch_size"]),
+        C.KEY_OPTIMIZER: str(client["optimizer"]),
+        C.KEY_LR: float(round_lr(client, server_round, lr_horizon(cfg))),
+        C.KEY_MOMENTUM: float(client.get("momentum", 0.0)),
+        C.KEY_WEIGHT_DECAY: float(client.get("weight_decay", 0.0)),
+        C.KEY_AUGMENT: str(client.get("augment", "none")),
+        C.KEY_NORMALISE: model_normalise(cfg),
         C.KEY_BN_MODE: str(client.get("bn_mode", "train")),
-        "backbone-lr-factor": backbone_lr_factor(client, server_round),
-        "seed": int(cfg["seed"]),
+        C.KEY_BACKBONE_LR_FACTOR: backbone_lr_factor(client, server_round),
+        C.KEY_SEED: int(cfg["seed"]),
     }
 
 
@@ -92,23 +92,23 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 def to_train_config(record: Mapping[str, Any], partition_id: int) -> TrainConfig:
     """Read a round's train ConfigRecord into the engine's TrainConfig."""
-    steps = int(record["local-steps"])
+    steps = int(record[C.KEY_LOCAL_STEPS])
     return TrainConfig(
-        epochs=int(record["local-epochs"]),
+        epochs=int(record[C.KEY_LOCAL_EPOCHS]),
         max_steps=None if steps < 0 else steps,
-        batch_size=int(record["batch-size"]),
-        lr=float(record["lr"]),
-        optimizer=str(record["optimizer"]),
-        momentum=float(record["momentum"]),
-        weight_decay=float(record["weight-decay"]),
+        batch_size=int(record[C.KEY_BATCH_SIZE]),
+        lr=float(record[C.KEY_LR]),
+        optimizer=str(record[C.KEY_OPTIMIZER]),
+        momentum=float(record[C.KEY_MOMENTUM]),
+        weight_decay=float(record[C.KEY_WEIGHT_DECAY]),
         # FedProx's configure_train adds this key; FedAvg leaves it out.
         proximal_mu=float(record.get(C.KEY_PROXIMAL_MU, 0.0)),
-        augment=str(record["augment"]),
+        augment=str(record[C.KEY_AUGMENT]),
         # Runs prepared before normalisation was a choice sent none: ImageNet mean/std.
-        normalise=str(record.get("normalise", "imagenet")),
+        normalise=str(record.get(C.KEY_NORMALISE, "imagenet")),
         bn_mode=str(record.get(C.KEY_BN_MODE, "train")),
-        backbone_lr_factor=float(record.get("backbone-lr-factor", 1.0)),
-        seed=client_seed(int(record["seed"]), int(record[C.KEY_SERVER_ROUND]), partition_id),
+        backbone_lr_factor=float(record.get(C.KEY_BACKBONE_LR_FACTOR, 1.0)),
+        seed=client_seed(int(record[C.KEY_SEED]), int(record[C.KEY_SERVER_ROUND]), partition_id),
     )
 
 

@@ -258,7 +258,7 @@ class SecAggRounds:
                 {
                     "train_loss": None, "train_accuracy": None, "num_clients": 0, "clients": [],
                     **(fit or {"aggregated": False}),
-                    "lr": train_config(self.cfg, server_round, self.plan.num_classes)["lr"],
+                    "lr": train_config(self.cfg, server_round, self.plan.num_classes)[C.KEY_LR],
                 }
             )  # fmt: skip
         else:

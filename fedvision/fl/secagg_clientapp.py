@@ -89,7 +89,7 @@ class SecAggClient(NumPyClient):
         cache, _, val_idx = client_indices(node)
         res = evaluate(
             model, cache.images, cache.labels, val_idx, device=next(model.parameters()).device,
-            normalise=str(config.get("normalise", "imagenet")),
+            normalise=str(config.get(C.KEY_NORMALISE, "imagenet")),
         )  # fmt: skip
         return float(res.loss), int(res.num_examples), {C.KEY_VAL_ACC: float(res.accuracy)}
 

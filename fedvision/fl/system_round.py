@@ -76,18 +76,18 @@ class SystemRound(Feature):
         self.plans, out = [], []
         for m in messages:
             config = m.content[C.KEY_CONFIG]
-            cap = int(config["local-steps"])
+            cap = int(config[C.KEY_LOCAL_STEPS])
             pid = partition_of[m.metadata.dst_node_id]
-            batch = int(config["batch-size"])
+            batch = int(config[C.KEY_BATCH_SIZE])
             plan = self.model.plan(server_round, pid, _bytes(m), batch, None if cap < 0 else cap)
             self.plans.append(plan)
             if not plan.send:
                 continue
             if plan.steps is not None and (plan.steps != cap or plan.steps_only):
                 own = ConfigRecord(dict(config))
-                own["local-steps"] = int(plan.steps)
+                own[C.KEY_LOCAL_STEPS] = int(plan.steps)
                 if plan.steps_only:
-                    own["local-epochs"] = 0  # the step count alone sets the work
+                    own[C.KEY_LOCAL_EPOCHS] = 0  # the step count alone sets the work
                 m.content = RecordDict({**dict(m.content.items()), C.KEY_CONFIG: own})
             out.append(m)
         return out
