@@ -9,6 +9,7 @@ and the server reports back through files there (``metrics.jsonl``, ``summary.js
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -74,6 +75,8 @@ class RunPlan:
     client_device : the device simulated clients train on (a SuperNode's node config wins).
     connect_timeout_s : how long the server waits for every client (the runtime's setting).
     round_timeout_s : how long it waits for a round's replies; later ones count as failed.
+    server_app, client_app : ``module:attr`` of the Flower apps the run uses (SecAgg+ has its
+        own pair); a runtime loads them with :func:`load_app`.
     """
 
     num_classes: int
@@ -85,6 +88,14 @@ class RunPlan:
     # Defaults: run directories prepared before the plan held them.
     connect_timeout_s: float = 120.0
     round_timeout_s: float = 3600.0
+    server_app: str = "fedvision.fl.serverapp:app"
+    client_app: str = "fedvision.fl.clientapp:app"
+
+
+def load_app(ref: str) -> Any:
+    """The object a ``module:attr`` reference names (how a SuperLink loads apps, too)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def write_plan(run_dir: Path, plan: RunPlan) -> None:

@@ -45,7 +45,7 @@ from fedvision.fl.checkpoint import load_checkpoint
 from fedvision.fl.parts import check_local_bn
 from fedvision.fl.privacy import check_privacy
 from fedvision.fl.round_config import check_every_round, lr_horizon
-from fedvision.fl.secagg import check_secagg
+from fedvision.fl.secagg import check_secagg, flower_apps
 from fedvision.fl.strategy import check_strategy
 from fedvision.fl.system_round import check_system
 from fedvision.models import (
@@ -249,6 +249,8 @@ def _prepare_run_dir(
             client_device=runtime.client_device(),
             connect_timeout_s=runtime.connect_timeout_s,
             round_timeout_s=runtime.round_timeout_s,
+            server_app=flower_apps(cfg)[0],
+            client_app=flower_apps(cfg)[1],
         )
         write_plan(run_dir, plan)
         print(

@@ -33,14 +33,13 @@ from fedvision.fl.secagg import (
     build_workflow,
     check_secagg,
     flower_apps,
-    load_app,
     quantisation_bound,
     serve_secagg,
 )
 from fedvision.fl.secagg_clientapp import clipped_values
 from fedvision.fl.server import serve
 from fedvision.report.metrics import read_metrics
-from fedvision.rundir import read_plan
+from fedvision.rundir import load_app, read_plan
 from fedvision.runner import check_config, run_experiment
 from strategies.sampling import draw_partitions
 from strategies.update_fedavg import FedAvgOfUpdates
@@ -385,3 +384,37 @@ def test_the_real_apps_run_two_rounds_and_write_the_usual_outputs(dataset, tmp_p
     assert sorted(masked_vectors(grid)) == [100, 101, 102]
     for reply in grid.received:
         assert all(len(rec) == 0 for rec in reply.content.array_records.values())
+
+
+def test_a_secaggplus_run_in_the_ray_simulation_loads_the_pair_its_plan_names(dataset, tmp_path):
+    from test_simulation import _no_ray_or_flower_left
+
+    from fedvision.rundir import read_plan
+
+    run_dir = tmp_path / "run"
+    cfg = compose_config(
+        [
+            f"data.root={dataset}",
+            f"data.classes_file={dataset / 'target_classes.txt'}",
+            "data.size=16",
+            "data.workers=1",
+            "model=shufflenet_v2_x0_5",
+            "model.weights=none",
+            "num_clients=3",
+            "num_rounds=2",
+            "partition=iid",
+            "client.local_steps=1",
+            "client.batch_size=4",
+            "progress=false",
+            "tracking=none",
+            "secagg=secaggplus",
+        ]
+    )
+    run_experiment(cfg, run_dir)
+    plan = read_plan(run_dir)
+    assert (plan.server_app, plan.client_app) == SECAGG_APPS  # the runtime loads these
+    assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished"
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all("secagg_clipped" in r for r in records[1:])  # only the SecAgg+ pair records it
+    assert _no_ray_or_flower_left()

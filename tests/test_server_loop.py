@@ -585,3 +585,13 @@ def test_a_node_claiming_a_held_partition_is_sent_nothing_and_changes_nothing(
     got = [(e["event"], e["node"], e["partition"], e.get("held_by")) for e in events]
     assert got == [("holds", 1000, 0, None), ("holds", 1001, 1, None), ("refused", 666, 1, 1001)]
     assert "node 666 claims partition 1, held by node 1001: refused" in capsys.readouterr().err
+
+
+def test_the_run_plan_names_the_app_pair_and_the_runtimes_timeouts(dataset, tmp_path):
+    from fedvision.fl.secagg import DEFAULT_APPS
+    from fedvision.rundir import read_plan
+
+    plan = read_plan(prepared(dataset, tmp_path, "runtime.round_timeout_s=42"))
+    assert (plan.server_app, plan.client_app) == DEFAULT_APPS
+    # The server reads its waits from run.json, as the runtime was configured.
+    assert (plan.connect_timeout_s, plan.round_timeout_s) == (0.5, 42.0)

@@ -15,7 +15,6 @@ sum. fedvision sets ``max_weight`` to the largest client's training-set size, so
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from collections.abc import Mapping
@@ -67,12 +66,6 @@ def secagg_settings(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
 def flower_apps(cfg: Mapping[str, Any]) -> tuple[str, str]:
     """``module:attr`` of the ServerApp and ClientApp a run uses (SecAgg+ has its own pair)."""
     return SECAGG_APPS if secagg_settings(cfg) is not None else DEFAULT_APPS
-
-
-def load_app(ref: str) -> Any:
-    """The object a ``module:attr`` reference names (how a SuperLink loads apps, too)."""
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def build_workflow(

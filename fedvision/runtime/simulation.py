@@ -154,12 +154,11 @@ class SimulationRuntime:
         from flwr.supercore.task_identity import TaskIdentity
         from flwr.supercore.telemetry import EventType
 
-        from fedvision.fl.secagg import flower_apps, load_app
-        from fedvision.rundir import load_run_config
+        from fedvision.rundir import load_app, read_plan
 
-        # The run's config picks the app pair (secagg=secaggplus has its own, Flower's legacy API).
-        server_ref, client_ref = flower_apps(load_run_config(run_dir))
-        server_app, client_app = load_app(server_ref), load_app(client_ref)
+        # The run plan names the app pair (secagg=secaggplus has its own, Flower's legacy API).
+        plan = read_plan(run_dir)
+        server_app, client_app = load_app(plan.server_app), load_app(plan.client_app)
 
         run = Run.create_empty(run_id=secrets.randbits(63))
         run.override_config = {C.RUN_DIR_KEY: str(run_dir.resolve())}
