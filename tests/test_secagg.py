@@ -329,27 +329,30 @@ def dataset(tmp_path_factory):
     )  # fmt: skip
 
 
+def _two_rounds(dataset, *extra: str) -> list[str]:
+    """A SecAgg+ run of 2 rounds over 3 clients on the tiny dataset (random weights, 1 step)."""
+    return [
+        f"data.root={dataset}",
+        f"data.classes_file={dataset / 'target_classes.txt'}",
+        "data.size=16",
+        "data.workers=1",
+        "model=shufflenet_v2_x0_5",
+        "model.weights=none",
+        "num_clients=3",
+        "num_rounds=2",
+        "partition=iid",
+        "client.local_steps=1",
+        "client.batch_size=4",
+        "progress=false",
+        "tracking=none",
+        "secagg=secaggplus",
+        *extra,
+    ]
+
+
 def test_the_real_apps_run_two_rounds_and_write_the_usual_outputs(dataset, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = compose_config(
-        [
-            f"data.root={dataset}",
-            f"data.classes_file={dataset / 'target_classes.txt'}",
-            "data.size=16",
-            "data.workers=1",
-            "model=shufflenet_v2_x0_5",
-            "model.weights=none",
-            "num_clients=3",
-            "num_rounds=2",
-            "partition=iid",
-            "client.local_steps=1",
-            "client.batch_size=4",
-            "progress=false",
-            "runtime=prepare_only",
-            "tracking=none",
-            "secagg=secaggplus",
-        ]
-    )
+    cfg = compose_config(_two_rounds(dataset, "runtime=prepare_only"))
     # prepare_only is refused for SecAgg+ runs; prepare with secagg off, then switch it on.
     cfg_plain = cfg.copy()
     cfg_plain.secagg = {}
@@ -392,24 +395,7 @@ def test_a_secaggplus_run_in_the_ray_simulation_loads_the_pair_its_plan_names(da
     from fedvision.rundir import read_plan
 
     run_dir = tmp_path / "run"
-    cfg = compose_config(
-        [
-            f"data.root={dataset}",
-            f"data.classes_file={dataset / 'target_classes.txt'}",
-            "data.size=16",
-            "data.workers=1",
-            "model=shufflenet_v2_x0_5",
-            "model.weights=none",
-            "num_clients=3",
-            "num_rounds=2",
-            "partition=iid",
-            "client.local_steps=1",
-            "client.batch_size=4",
-            "progress=false",
-            "tracking=none",
-            "secagg=secaggplus",
-        ]
-    )
+    cfg = compose_config(_two_rounds(dataset))
     run_experiment(cfg, run_dir)
     plan = read_plan(run_dir)
     assert (plan.server_app, plan.client_app) == SECAGG_APPS  # the runtime loads these
