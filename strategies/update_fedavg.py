@@ -9,17 +9,19 @@ clipping range and so a coarse quantisation step.
 With a ``seed``, a round's clients are drawn as ``strategies.sampling.SeededSampling`` draws them
 on the Message API: by partition id, seeded by ``(seed, round)``, so round r trains the same
 partitions in every run. Flower's legacy client manager would pick at random among node ids that
-are random themselves. Each node is asked its partition id once (a legacy ``get_properties``).
+are random themselves. Which node holds which partition is the caller's to say
+(:meth:`FedAvgOfUpdates.set_partitions`), as for ``SeededSampling``: fedvision's round loop asks
+each node once, whatever app pair it runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from flwr.common import (
-    Code,
     FitIns,
     FitRes,
-    GetPropertiesIns,
     MetricsAggregationFn,
     NDArrays,
     Parameters,
@@ -31,7 +33,6 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from fedvision import constants as C
 from fedvision.errors import FedvisionError
 from strategies.sampling import draw_partitions
 
@@ -49,15 +50,20 @@ class FedAvgOfUpdates(FedAvg):
         self,
         *,
         seed: int | None = None,
-        query_timeout_s: float = 120.0,  # for every node to connect, and for each to answer
+        wait_timeout_s: float = 120.0,  # for every expected node to connect
         fit_metrics_aggregation_fn: MetricsAggregationFn | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(fit_metrics_aggregation_fn=fit_metrics_aggregation_fn, **kwargs)  # type: ignore[arg-type]
         self._global: NDArrays | None = None  # the model the current round's clients started from
         self.seed = seed  # None: Flower's own (unseeded) sampling
-        self.query_timeout_s = float(query_timeout_s)
-        self.partition_of: dict[str, int] = {}  # node (cid) -> the partition it said it holds
+        self.wait_timeout_s = float(wait_timeout_s)
+        self.partition_of: dict[int, int] = {}  # node id -> the partition it holds
+        self.sampled: list[int] = []  # the partitions the last configure_fit chose
+
+    def set_partitions(self, partition_of: Mapping[int, int]) -> None:
+        """Tell the sampler which partition each node holds (node id -> partition id)."""
+        self.partition_of = dict(partition_of)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -65,42 +71,31 @@ class FedAvgOfUpdates(FedAvg):
         """Remember the global model this round starts from, then choose the round's clients."""
         self._global = parameters_to_ndarrays(parameters)
         if self.seed is None:
-            return super().configure_fit(server_round, parameters, client_manager)
+            chosen = super().configure_fit(server_round, parameters, client_manager)
+            self.sampled = sorted(self.partition_of.get(int(p.cid), -1) for p, _ in chosen)
+            return chosen
         config = self.on_fit_config_fn(server_round) if self.on_fit_config_fn is not None else {}
         # Wait for every expected node first: Flower sizes the sample on the nodes connected
         # so far, which in round 1 can be fewer than will be there.
         _, min_available = self.num_fit_clients(client_manager.num_available())
-        if not client_manager.wait_for(min_available, timeout=int(self.query_timeout_s)):
+        if not client_manager.wait_for(min_available, timeout=int(self.wait_timeout_s)):
             raise FedvisionError(
                 f"SecAgg+ round {server_round}: only {client_manager.num_available()} of "
-                f"{min_available} clients connected within {self.query_timeout_s:.0f} s"
+                f"{min_available} clients connected within {self.wait_timeout_s:.0f} s"
             )
         size, _ = self.num_fit_clients(client_manager.num_available())
         nodes = client_manager.all()
-        pids = {cid: self._partition(proxy, server_round) for cid, proxy in nodes.items()}
-        chosen = set(draw_partitions(pids.values(), size, int(self.seed), server_round))
+        unknown = sorted(int(cid) for cid in nodes if int(cid) not in self.partition_of)
+        if unknown:
+            raise FedvisionError(
+                f"SecAgg+ round {server_round}: node {unknown[0]} holds no known partition "
+                "(set_partitions first)"
+            )
+        pids = {cid: self.partition_of[int(cid)] for cid in nodes}
+        self.sampled = draw_partitions(pids.values(), size, int(self.seed), server_round)
+        chosen = set(self.sampled)
         fit_ins = FitIns(parameters, config)
         return [(nodes[cid], fit_ins) for cid in sorted(nodes, key=pids.get) if pids[cid] in chosen]
-
-    def _partition(self, proxy: ClientProxy, server_round: int) -> int:
-        """The partition id a node holds, asked once (node ids change only on reconnect)."""
-        if proxy.cid not in self.partition_of:
-            res = proxy.get_properties(
-                GetPropertiesIns(config={}), timeout=self.query_timeout_s, group_id=server_round
-            )
-            if res.status.code != Code.OK or C.KEY_PARTITION_ID not in res.properties:
-                raise FedvisionError(
-                    f"SecAgg+: node {proxy.cid} did not say which partition it holds "
-                    f"({res.status.message or 'no partition id'}): not a fedvision SecAgg+ client"
-                )
-            pid = int(res.properties[C.KEY_PARTITION_ID])
-            holder = next((c for c, p in self.partition_of.items() if p == pid), None)
-            if holder is not None:
-                raise FedvisionError(
-                    f"SecAgg+: nodes {holder} and {proxy.cid} both hold partition {pid}"
-                )
-            self.partition_of[proxy.cid] = pid
-        return self.partition_of[proxy.cid]
 
     def aggregate_fit(
         self,

@@ -3,7 +3,7 @@
 - :class:`ScriptedGrid`: two nodes whose replies are scripted (failures staged exactly);
 - :class:`InlineGrid`: fedvision's real ClientApp in this process, one Context per node;
 - :class:`LoopbackGrid`: any ClientApps, every message serialised to Flower's protobuf and back,
-  as a runtime does (the legacy API's ``send_and_receive`` only, which SecAgg+ uses).
+  as a runtime does.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def transported(msg: Message) -> Message:
     return message_from_proto(message_to_proto(msg))
 
 
-class LoopbackGrid:
+class LoopbackGrid(PushPull):
     """Runs a ClientApp per node in this process; ``received`` keeps every reply, in order."""
 
     def __init__(self, apps: dict[int, ClientApp], node_config=None, run_config=None) -> None:
@@ -125,7 +125,7 @@ class LoopbackGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.apps)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def send_and_receive(self, messages, timeout=None):
         replies = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id  # a runtime sets it when pushed

@@ -31,7 +31,6 @@ from omegaconf import OmegaConf
 from fedvision import constants as C
 from fedvision.config import compose_config
 from fedvision.fl import secagg_clientapp
-from fedvision.fl.secagg import serve_secagg
 from fedvision.fl.server import serve
 from fedvision.report.metrics import read_metrics
 from fedvision.runner import run_experiment
@@ -97,7 +96,7 @@ def _run(dataset: Path, run_dir: Path, case: str, grids) -> list[dict[str, Any]]
             node_config=nodes,
             run_config={C.RUN_DIR_KEY: str(run_dir)},
         )
-        serve(grid, run_dir, loop=serve_secagg)
+        serve(grid, run_dir)
     else:
         assert run_experiment(cfg, run_dir) == {"prepared": str(run_dir)}
         serve(grids.inline(run_dir, 3), run_dir)

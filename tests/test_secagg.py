@@ -34,7 +34,6 @@ from fedvision.fl.secagg import (
     check_secagg,
     flower_apps,
     quantisation_bound,
-    serve_secagg,
 )
 from fedvision.fl.secagg_clientapp import clipped_values
 from fedvision.fl.server import serve
@@ -166,38 +165,19 @@ def test_the_server_never_receives_an_individual_update_only_masked_vectors():
     assert np.abs(aggregate - np.mean(updates, axis=0)).max() <= bound
 
 
-class PartitionedUpdate(FixedUpdate):
-    """A FixedUpdate client that says which partition it holds, as the real one does."""
-
-    def __init__(self, update: np.ndarray, n: int, pid: int) -> None:
-        super().__init__(update, n)
-        self.pid = pid
-
-    def get_properties(self, config):
-        return {C.KEY_PARTITION_ID: self.pid}
-
-
-def partitioned_client_fn(update: np.ndarray, pid: int):
-    """A ``client_fn`` (Flower inspects its signature) for a PartitionedUpdate client."""
-
-    def client_fn(context: Context):
-        return PartitionedUpdate(update, 10, pid).to_client()
-
-    return client_fn
-
-
 def seeded_rounds(seed: int, num_rounds: int = 2):
     """Six clients (partition id = 16 - node), three per round, sampled with ``seed``."""
     updates = {node: np.full(8, 0.01 * node) for node in range(11, 17)}
     apps = {}
     for node, u in updates.items():
-        apps[node] = ClientApp(client_fn=partitioned_client_fn(u, 16 - node), mods=[secaggplus_mod])
+        apps[node] = ClientApp(client_fn=fixed_client_fn(u, 10), mods=[secaggplus_mod])
     grid = LoopbackGrid(apps)
     strategy = FedAvgOfUpdates(
         seed=seed, fraction_fit=0.5, fraction_evaluate=0.0, min_fit_clients=2,
         min_evaluate_clients=0, min_available_clients=6,
         initial_parameters=ndarrays_to_parameters([np.zeros(8)]),
     )  # fmt: skip
+    strategy.set_partitions({node: 16 - node for node in updates})  # the loop's directory says
     context = LegacyContext(
         Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
         config=ServerConfig(num_rounds=num_rounds),
@@ -222,8 +202,7 @@ def test_a_seed_draws_the_same_partitions_every_run_as_the_message_api_does():
     for seed in (0, 1):
         uploaded, strategy, context = seeded_rounds(seed)
         assert uploaded == expected[seed]
-        # Each node was asked its partition once, whatever the number of rounds.
-        assert sorted(strategy.partition_of.values()) == list(range(6))
+        assert strategy.sampled == sorted(expected[seed][2])  # what the loop records
     # Round 2's aggregate is the mean update of round 2's three clients (node = 16 - pid),
     # added to round 1's: the weights (equal here) and the chosen clients both line up.
     uploaded, _, context = seeded_rounds(0)
@@ -243,11 +222,28 @@ def test_seeded_sampling_waits_a_bounded_time_for_the_clients_then_says_why():
             return False
 
     strategy = FedAvgOfUpdates(
-        seed=0, query_timeout_s=5, fraction_fit=0.5, min_available_clients=6,
+        seed=0, wait_timeout_s=5, fraction_fit=0.5, min_available_clients=6,
         initial_parameters=ndarrays_to_parameters([np.zeros(2)]),
     )  # fmt: skip
     with pytest.raises(FedvisionError, match="only 2 of 6 clients connected within 5 s"):
         strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(2)]), TwoOfSix())
+
+
+def test_seeded_sampling_refuses_a_node_whose_partition_it_was_not_told():
+    class Three:  # three nodes connected, the directory knows two of them
+        def num_available(self):
+            return 3
+
+        def wait_for(self, num_clients, timeout):
+            return True
+
+        def all(self):
+            return {"11": None, "12": None, "13": None}
+
+    strategy = FedAvgOfUpdates(seed=0, fraction_fit=1.0, min_available_clients=3)
+    strategy.set_partitions({11: 0, 12: 1})
+    with pytest.raises(FedvisionError, match="node 13 holds no known partition"):
+        strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(2)]), Three())
 
 
 def test_clipped_values_counts_what_the_mod_will_clip():
@@ -307,13 +303,6 @@ def test_impossible_or_unsupported_settings_are_refused_before_any_work(override
         check_config(secagg_cfg(*overrides))
 
 
-def test_resume_is_refused(tmp_path):
-    cfg = secagg_cfg()
-    cfg.resume = str(tmp_path)
-    with pytest.raises(FedvisionError, match="cannot resume"):
-        check_config(cfg)
-
-
 def test_the_default_secaggplus_config_passes_its_checks():
     assert check_config(secagg_cfg()).name == "simulation"
 
@@ -350,26 +339,50 @@ def _two_rounds(dataset, *extra: str) -> list[str]:
     ]
 
 
-def test_the_real_apps_run_two_rounds_and_write_the_usual_outputs(dataset, tmp_path):
-    run_dir = tmp_path / "run"
+class StopInRound(LoopbackGrid):
+    """A loopback grid whose launcher asks the run to stop as round ``rnd``'s protocol begins."""
+
+    def __init__(self, *args, stop_dir, rnd: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_dir, self.rnd = stop_dir, rnd
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.group_id == str(self.rnd) for m in messages):
+            (self.stop_dir / C.RUN_INTERRUPT).write_text("signal\n")
+        return super().send_and_receive(messages, timeout)
+
+
+def _prepared(dataset, run_dir):
+    """A prepared SecAgg+ run directory of :func:`_two_rounds`."""
     cfg = compose_config(_two_rounds(dataset, "runtime=prepare_only"))
     # prepare_only is refused for SecAgg+ runs; prepare with secagg off, then switch it on.
     cfg_plain = cfg.copy()
     cfg_plain.secagg = {}
     assert run_experiment(cfg_plain, run_dir) == {"prepared": str(run_dir)}
     (run_dir / C.RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    nodes = {100 + p: secagg_clientapp.app for p in range(3)}
-    grid = LoopbackGrid(
-        nodes,
+
+
+def _grid(run_dir, cls=LoopbackGrid, **kwargs):
+    """Three nodes (partitions 0-2) running the SecAgg+ ClientApp, each with its own Context."""
+    return cls(
+        {100 + p: secagg_clientapp.app for p in range(3)},
         node_config={100 + p: {C.KEY_PARTITION_ID: p, C.KEY_NUM_PARTITIONS: 3} for p in range(3)},
         run_config={C.RUN_DIR_KEY: str(run_dir)},
+        **kwargs,
     )
-    summary = serve(grid, run_dir, loop=serve_secagg)
+
+
+def test_the_real_apps_run_two_rounds_and_write_the_usual_outputs(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    _prepared(dataset, run_dir)
+    grid = _grid(run_dir)
+    summary = serve(grid, run_dir)
     assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished"
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
-        assert r["num_clients"] == 3 and r["clients"] == [0, 1, 2]
+        assert r["num_clients"] == 3 and r["clients"] == [0, 1, 2] and r["num_failures"] == 0
         assert r["test_accuracy"] is not None and r["val_accuracy"] is not None
         assert r["train_loss"] is not None and "aggregated" not in r
     sizes = [len(t) for t in load_partition(run_dir / C.PARTITION_FILE).train]
@@ -387,6 +400,32 @@ def test_the_real_apps_run_two_rounds_and_write_the_usual_outputs(dataset, tmp_p
     assert sorted(masked_vectors(grid)) == [100, 101, 102]
     for reply in grid.received:
         assert all(len(rec) == 0 for rec in reply.content.array_records.values())
+
+
+def test_a_secaggplus_run_stopped_in_round_2_resumes_to_the_uninterrupted_metrics(
+    dataset, tmp_path
+):
+    def untimed(run_dir):
+        return [{k: v for k, v in r.items() if k != "round_s"} for r in read_metrics(run_dir)]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for run_dir in (whole, cut):
+        _prepared(dataset, run_dir)
+    # SecAgg+'s stochastic quantisation draws from numpy's global generator (restored on resume).
+    np.random.seed(0)
+    serve(_grid(whole), whole)
+    np.random.seed(0)
+    serve(_grid(cut, StopInRound, stop_dir=cut, rnd=2), cut)
+    status = json.loads((cut / C.RUN_STATUS).read_text())
+    assert (status["status"], status["round"]) == ("interrupted", 1)
+    assert [r["round"] for r in read_metrics(cut)] == [0, 1]
+    (cut / C.RUN_INTERRUPT).unlink()  # what `fedvision run resume=...` clears
+    serve(_grid(cut), cut)  # a new Flower run: fresh node Contexts, the protocol from scratch
+    assert json.loads((cut / C.RUN_STATUS).read_text())["status"] == "finished"
+    assert untimed(cut) == untimed(whole)
+    for name in (C.CKPT_LATEST, C.CKPT_BEST):
+        a, b = (torch.load(d / name, weights_only=False)["model"] for d in (whole, cut))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_secaggplus_run_in_the_ray_simulation_loads_the_pair_its_plan_names(dataset, tmp_path):

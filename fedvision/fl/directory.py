@@ -279,6 +279,15 @@ class InterruptibleGrid:
         self._check()
         return self._grid.pull_messages(message_ids)
 
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Grid.send_and_receive (what Flower's SecAgg+ workflow calls), checked both sides."""
+        self._check()
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
+        self._check()
+        return replies
+
     def get_node_ids(self) -> Iterable[int]:
         """Grid.get_node_ids, unless the run was asked to stop."""
         self._check()

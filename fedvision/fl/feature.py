@@ -7,10 +7,20 @@ overrides the ones it needs and is built once from the run's config.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import Strategy
+
+
+@dataclass
+class Trained:
+    """What a round's exchange gave the loop: the global model after it, and what to record."""
+
+    arrays: ArrayRecord  # the whole global model (the one it started from if nothing aggregated)
+    metrics: Mapping[str, Any] | None  # the aggregated train metrics; None: no aggregate
+    record: dict[str, Any]  # entries of the round's metrics.jsonl record
 
 
 class Feature:

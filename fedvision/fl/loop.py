@@ -55,7 +55,7 @@ from fedvision.fl.directory import (
     say_failures,
 )
 from fedvision.fl.evaluation import CentralEvaluator, federated_evaluate, selection_key
-from fedvision.fl.feature import Feature
+from fedvision.fl.feature import Feature, Trained
 from fedvision.fl.parts import (
     FedBNRound,
     base_fingerprint,
@@ -69,11 +69,15 @@ from fedvision.fl.parts import (
 )
 from fedvision.fl.privacy import PrivacyRound, server_clipping_norm, update_norm_record
 from fedvision.fl.round_config import lr_horizon, train_config
+from fedvision.fl.secagg import SecureRounds
 from fedvision.fl.strategy import build_strategy
 from fedvision.fl.system_round import SystemRound
+from fedvision.models import ModelParts
 from fedvision.report.metrics import RunRecorder, read_metrics
 from fedvision.report.tracking import build_tracker
 from fedvision.rundir import read_node_events, read_plan
+
+Layout = dict[str, tuple[int, ...]]  # how a packed record is cut back into named arrays
 
 
 def features(
@@ -119,6 +123,90 @@ def _bytes(messages: Sequence[Message]) -> int:
     return sum(a.count_bytes() for m in messages for a in m.content.array_records.values())
 
 
+class MessageRounds:
+    """A round on the Message API: the strategy configures, the clients train, it aggregates.
+
+    The features' exchange hooks (``plan`` ... ``record``) are called here; SecAgg+ rounds
+    (:class:`fedvision.fl.secagg.SecureRounds`) take this object's place.
+    """
+
+    def __init__(
+        self, cfg: Mapping[str, Any], strategy: Strategy, hooks: Sequence[Feature],
+        parts: ModelParts, layouts: tuple[Layout, Layout], timeout: float,
+    ) -> None:  # fmt: skip
+        self.strategy, self.hooks, self.parts, self.timeout = strategy, hooks, parts, timeout
+        self.layout, self.stats_layout = layouts
+        self.min_replies = int(cfg.get("min_train_replies", 1))
+        self.clip_norm = server_clipping_norm(cfg)
+
+    def train(
+        self,
+        grid: Grid,
+        rnd: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        partition_of: Mapping[int, int],
+    ) -> Trained:
+        """Round ``rnd`` from the global model ``arrays``."""
+        strategy, hooks, parts = self.strategy, self.hooks, self.parts
+        strategy.set_partitions(partition_of)
+        shared = pack(subset(arrays, parts.shared))
+        stats = packed_stats(arrays, parts)
+        messages = with_stats(strategy.configure_train(rnd, shared, config, grid), stats)
+        pids = sorted(partition_of[m.metadata.dst_node_id] for m in messages)
+        for h in hooks:
+            messages = h.plan(rnd, messages, partition_of)
+        bytes_down = _bytes(messages)
+        replies = in_partition_order(
+            exchange(grid, messages, self.timeout) if messages else [], partition_of
+        )
+        ok = [m for m in replies if not m.has_error()]
+        for h in hooks:
+            h.replied(ok, partition_of)
+        failures = failures_of(messages, replies, partition_of)
+        if not ok and messages:
+            raise FedvisionError(f"round {rnd}: every client failed; first: {first_error(replies)}")
+        settled: dict[str, Any] = {}  # what the features say of the replies that count
+        for h in hooks:
+            ok, metrics = h.settle(ok, partition_of)
+            settled.update(metrics)
+        replies = [m for m in replies if m.has_error() or any(m is a for a in ok)]
+        aggregate = len(ok) >= self.min_replies
+        if failures:  # recorded in metrics.jsonl too; said here so that nobody misses it
+            say_failures(rnd, failures, len(messages), len(ok), self.min_replies)
+
+        # Aggregate. Bytes are counted first: some strategies empty the replies they aggregate.
+        bytes_up = _bytes(ok)
+        client_stats = take_stats(ok)  # the strategy gets parameters only
+        norms = update_norm_record(ok, shared, self.clip_norm)
+        aggregate = aggregate and all([h.release(rnd, ok, strategy) for h in hooks])
+        train_metrics, new_arrays = None, None
+        if aggregate:
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = merge(arrays, unpack(float32_arrays(new_arrays), self.layout))
+                if (mean := mean_stats(client_stats)) is not None:
+                    arrays = merge(arrays, unpack(mean, self.stats_layout))
+        for h in hooks:
+            h.after_aggregate(new_arrays is not None)
+        record = {
+            "num_clients": len(ok),
+            "num_failures": len(failures),
+            "clients": pids,
+            "bytes_down": int(bytes_down),
+            "bytes_up": int(bytes_up),
+            **settled,
+            **norms,
+        }
+        for h in hooks:
+            record.update(h.record(rnd, ok))
+        if failures:
+            record["failures"] = failures
+        if not aggregate:
+            record["aggregated"] = False
+        return Trained(arrays, train_metrics, record)
+
+
 def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -> dict[str, Any]:
     """Run a prepared run directory's remaining rounds on ``grid``; its ``summary.json`` content."""
     timings = {"server_start": started}
@@ -140,9 +228,10 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
     parts = run_parts(cfg, num_classes)
     base_fp = base_fingerprint(arrays, parts)
-    layout = layout_of(subset(arrays, parts.shared))  # how the packed parameters are cut up
-    stats_layout = layout_of(subset(arrays, parts.stats))  # and the packed BatchNorm statistics
-    clip_norm = server_clipping_norm(cfg)
+    layouts = (layout_of(subset(arrays, parts.shared)), layout_of(subset(arrays, parts.stats)))
+    secure = SecureRounds.build(cfg, plan)  # SecAgg+: its workflow exchanges and aggregates
+    rounds = secure or MessageRounds(cfg, strategy, hooks, parts, layouts, timeout)
+    hooks += [secure] if secure else []
 
     def checkpoint(
         rnd: int, arrays: ArrayRecord, best_round: int | None, best_value: float | None
@@ -169,7 +258,6 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     )
     directory.wait_for_all(grid, float(plan.connect_timeout_s))
     timings["clients_ready"] = time.time()
-    min_replies = int(cfg.get("min_train_replies", 1))
 
     bar = tqdm(
         total=num_rounds, initial=start, desc="rounds", unit="round",
@@ -193,70 +281,17 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
             config.update(h.round_config(rnd))
         # Clients that restarted or reconnected come back under new node ids.
         joined = directory.refresh(grid)
-        partition_of = dict(directory.partition_of)
-        strategy.set_partitions(partition_of)
-
-        # Configure and exchange.
-        shared = pack(subset(arrays, parts.shared))
-        stats = packed_stats(arrays, parts)
-        messages = with_stats(strategy.configure_train(rnd, shared, config, grid), stats)
-        pids = sorted(partition_of[m.metadata.dst_node_id] for m in messages)
-        for h in hooks:
-            messages = h.plan(rnd, messages, partition_of)
-        bytes_down = _bytes(messages)
-        replies = in_partition_order(
-            exchange(grid, messages, timeout) if messages else [], partition_of
-        )
-        ok = [m for m in replies if not m.has_error()]
-        for h in hooks:
-            h.replied(ok, partition_of)
-        failures = failures_of(messages, replies, partition_of)
-        if not ok and messages:
-            raise FedvisionError(f"round {rnd}: every client failed; first: {first_error(replies)}")
-        settled: dict[str, Any] = {}  # what the features say of the replies that count
-        for h in hooks:
-            ok, metrics = h.settle(ok, partition_of)
-            settled.update(metrics)
-        replies = [m for m in replies if m.has_error() or any(m is a for a in ok)]
-        aggregate = len(ok) >= min_replies
-        if failures:  # recorded in metrics.jsonl too; said here so that nobody misses it
-            say_failures(rnd, failures, len(messages), len(ok), min_replies)
-
-        # Aggregate. Bytes are counted first: some strategies empty the replies they aggregate.
-        bytes_up = _bytes(ok)
-        client_stats = take_stats(ok)  # the strategy gets parameters only
-        norms = update_norm_record(ok, shared, clip_norm)
-        aggregate = aggregate and all([h.release(rnd, ok, strategy) for h in hooks])
-        train_metrics, new_arrays = None, None
-        if aggregate:
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-            if new_arrays is not None:
-                arrays = merge(arrays, unpack(float32_arrays(new_arrays), layout))
-                if (mean := mean_stats(client_stats)) is not None:
-                    arrays = merge(arrays, unpack(mean, stats_layout))
-        for h in hooks:
-            h.after_aggregate(new_arrays is not None)
+        trained = rounds.train(grid, rnd, arrays, config, dict(directory.partition_of))
+        arrays, train_metrics = trained.arrays, trained.metrics
 
         # Record and evaluate.
         record = {
             "round": rnd,
             "train_loss": train_metrics.get(C.KEY_TRAIN_LOSS) if train_metrics else None,
             "train_accuracy": train_metrics.get(C.KEY_TRAIN_ACC) if train_metrics else None,
-            "num_clients": len(ok),
-            "num_failures": len(failures),
-            "clients": pids,
             "lr": config[C.KEY_LR],
-            "bytes_down": int(bytes_down),
-            "bytes_up": int(bytes_up),
-            **settled,
-            **norms,
+            **trained.record,
         }
-        for h in hooks:
-            record.update(h.record(rnd, ok))
-        if failures:
-            record["failures"] = failures
-        if not aggregate:
-            record["aggregated"] = False
         if joined and rnd > start + 1:
             record["clients_joined"] = joined  # came (back) during the run
         shared, stats = pack(subset(arrays, parts.shared)), packed_stats(arrays, parts)

@@ -1,11 +1,12 @@
-"""Secure aggregation (SecAgg+): config checks, app choice, and the server's round loop.
+"""Secure aggregation (SecAgg+): config checks, app choice, and its rounds for the round loop.
 
 Flower 1.39 offers SecAgg+ (Bell et al., CCS 2020) only on its legacy API: the server runs
-``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with a legacy ``flwr.server.strategy``
-and a ``LegacyContext``; each client runs ``secaggplus_mod`` in front of a NumPyClient. fedvision
-therefore has a second, thin app pair (``secagg_serverapp`` / ``secagg_clientapp``) over the same
-engine, run directory and server helpers (central evaluation, metrics, checkpoints), picked by the
-``secagg`` config group. What it cannot do is refused by :func:`check_secagg` before any work.
+``SecAggPlusWorkflow`` with a legacy ``flwr.server.strategy`` and a ``LegacyContext``; each
+client runs ``secaggplus_mod`` in front of its train handler. fedvision's round loop
+(:func:`fedvision.fl.loop.run_rounds`) runs the workflow once per round in place of the
+Message-API exchange (:class:`SecureRounds`); evaluation, records, checkpoints and resume are the
+loop's. The client side is its own ClientApp (``secagg_clientapp``), picked by the ``secagg``
+config group. What SecAgg+ cannot do is refused by :func:`check_secagg` before any work.
 
 Weighting: each client uploads ``[r_i, r_i * u_i]`` quantised and masked, where ``u_i`` is its
 update and ``r_i = round(n_i / max_weight * Q) / Q`` its example count over ``max_weight``; the
@@ -17,35 +18,35 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, Context, RecordDict
-from flwr.common import NDArrays, Scalar, ndarrays_to_parameters
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
 from fedvision import constants as C
 from fedvision.data.partition import load_partition
 from fedvision.errors import FedvisionError
-from fedvision.fl.arrays import float32_arrays, layout_of, unpack
-from fedvision.fl.checkpoint import Checkpoint, link_or_copy, rng_state, save_checkpoint
-from fedvision.fl.evaluation import CentralEvaluator, selection_key
-from fedvision.fl.parts import base_fingerprint, local_bn, merge, run_parts, subset, travelling
+from fedvision.fl.arrays import layout_of, unpack
+from fedvision.fl.feature import Feature, Trained
+from fedvision.fl.parts import local_bn, merge, run_parts, subset, travelling
 from fedvision.fl.privacy import client_level_mode, num_sampled_clients
-from fedvision.fl.round_config import lr_horizon, train_config
-from fedvision.report.metrics import RunRecorder
-from fedvision.report.tracking import build_tracker
-from fedvision.rundir import RunPlan, read_plan
+from fedvision.rundir import RunPlan
 from strategies.update_fedavg import FedAvgOfUpdates
 
 DEFAULT_APPS = ("fedvision.fl.serverapp:app", "fedvision.fl.clientapp:app")
-SECAGG_APPS = ("fedvision.fl.secagg_serverapp:app", "fedvision.fl.secagg_clientapp:app")
+# SecAgg+ runs the same ServerApp (its round loop picks SecureRounds) and its own ClientApp.
+SECAGG_APPS = ("fedvision.fl.serverapp:app", "fedvision.fl.secagg_clientapp:app")
 FEDAVG = "flwr.serverapp.strategy.FedAvg"
 WORKFLOW_KEYS = (
     "num_shares",
@@ -100,13 +101,8 @@ def check_secagg(cfg: Mapping[str, Any], runtime: str | None = None) -> None:
     refusals = [
         (
             runtime is not None and runtime != "simulation",
-            f"secagg=secaggplus runs on runtime=simulation only, not runtime={runtime} (the "
-            "deployment path runs fedvision's Message-API apps)",
-        ),
-        (
-            cfg.get("resume") is not None,
-            "secagg=secaggplus cannot resume: Flower's legacy loop starts at round 1; "
-            "start a new run",
+            f"secagg=secaggplus runs on runtime=simulation only, not runtime={runtime} (a "
+            "deployment's SuperNodes run the ClientApp pyproject.toml names, without the mod)",
         ),
         (
             str(cfg["strategy"].get("_target_")) != FEDAVG,
@@ -173,178 +169,130 @@ def quantisation_bound(
     return (m * 2 * clipping_range / q + m * max_abs_update / q) / total
 
 
-class SecAggRounds:
-    """fedvision's bookkeeping around Flower's legacy loop: one record per round.
+class SecureRounds(Feature):
+    """A round under SecAgg+, for :func:`fedvision.fl.loop.run_rounds`: Flower's workflow trains it.
 
-    ``DefaultWorkflow`` calls the strategy's ``evaluate_fn`` at round 0 and after every round's fit
-    (whether or not it aggregated), and ``fit_metrics_aggregation_fn`` when a round aggregated.
-    Here they evaluate centrally (``CentralEvaluator``), append to ``metrics.jsonl``
-    (``RunRecorder``) and write checkpoints, as the Message-API server does.
+    The loop configures, evaluates, records and checkpoints as in any run; only the exchange and
+    the aggregate are ``SecAggPlusWorkflow``'s, one call per round through a ``LegacyContext``
+    whose client manager holds the nodes of the loop's client directory. The strategy
+    (``FedAvgOfUpdates``) samples by partition id as the Message-API strategies do, and adds the
+    unmasked mean update to the global model.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], run_dir: Path, plan: RunPlan) -> None:
-        self.cfg, self.run_dir, self.plan = cfg, run_dir, plan
-        self.num_rounds = int(cfg["num_rounds"])
-        self.evaluator = CentralEvaluator(cfg, plan)
-        self.select_on = selection_key(cfg, plan)
-        self.recorder = RunRecorder(
-            run_dir, (), select_on=self.select_on, tracker=build_tracker(cfg, run_dir)
-        )
+    def __init__(self, cfg: Mapping[str, Any], settings: Mapping[str, Any], plan: RunPlan) -> None:
+        self.settings = dict(settings)
         self.parts = run_parts(cfg, plan.num_classes)
-        initial = torch.load(run_dir / C.RUN_INITIAL, map_location="cpu", weights_only=True)
-        self.arrays = float32_arrays(initial)
-        # SecAgg+ sums every array it is given, weighted by example count: parameters and
-        # BatchNorm statistics travel as two masked arrays (FedAvg is the only rule here).
-        self.layouts = [
-            layout_of(subset(self.arrays, keys))
-            for keys in (self.parts.shared, self.parts.stats)
-            if keys
-        ]
-        self.base_fp = base_fingerprint(self.arrays, self.parts)
         partition = load_partition(Path(plan.partition_file))
         # The weight of the largest client maps to ratio 1: every r_i <= 1, none overflows.
         self.max_weight = max(1, max(len(t) for t in partition.train))
-        self.fit: dict[str, Any] | None = None
-        self.t0 = time.perf_counter()
-        self.bar = tqdm(
-            total=self.num_rounds, desc="rounds (secagg)", unit="round",
-            disable=not cfg.get("progress", True), dynamic_ncols=True,
-        )  # fmt: skip
+        scfg, n = cfg["strategy"], int(cfg["num_clients"])
+        self.config: dict[str, Scalar] = {}  # this round's train config, for on_fit_config_fn
+        self.fit: dict[str, Any] | None = None  # set when the round's aggregate was made
+        self.strategy = FedAvgOfUpdates(
+            seed=int(cfg["seed"]),  # round r trains the same partitions in every run
+            wait_timeout_s=plan.connect_timeout_s,
+            fraction_fit=float(scfg.get("fraction_train", 1.0)),
+            fraction_evaluate=0.0,
+            min_fit_clients=max(2, int(scfg.get("min_train_nodes", 2))),
+            min_evaluate_clients=0,
+            # Every client is up before round 1, as in the Message-API rounds.
+            min_available_clients=max(n, int(scfg.get("min_available_nodes", 2))),
+            on_fit_config_fn=lambda rnd: self.config,
+            fit_metrics_aggregation_fn=self._fit_metrics,
+        )
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        self.legacy = LegacyContext(
+            context, config=ServerConfig(num_rounds=int(cfg["num_rounds"])), strategy=self.strategy
+        )
+        timeout = settings["timeout"] if settings["timeout"] is not None else plan.round_timeout_s
+        self.workflow = build_workflow(settings, self.max_weight, float(timeout))
 
-    def initial_parameters(self) -> NDArrays:
-        """The packed parameters (and BatchNorm statistics) of the round-0 model: what travels."""
-        return travelling(self.arrays, self.parts)
+    @classmethod
+    def build(cls, cfg: Mapping[str, Any], plan: RunPlan) -> SecureRounds | None:
+        """The SecAgg+ rounds of a ``secagg=secaggplus`` run, else None."""
+        settings = secagg_settings(cfg)
+        if settings is None:
+            return None
+        check_secagg(cfg)
+        return cls(cfg, settings, plan)
 
-    def fit_config(self, server_round: int) -> dict[str, Scalar]:
-        """The round's train config (as the Message-API server sends) plus SecAgg+'s scale."""
+    def round_config(self, rnd: int) -> dict[str, Any]:
+        """SecAgg+'s scale and clipping range, which the client counts its clipped values with."""
         return {
-            **train_config(self.cfg, server_round, self.plan.num_classes),
-            C.KEY_SERVER_ROUND: server_round,
-            C.KEY_BASE_FINGERPRINT: self.base_fp,
+            C.KEY_SERVER_ROUND: rnd,
             C.KEY_SECAGG_MAX_WEIGHT: float(self.max_weight),
-            C.KEY_SECAGG_CLIP: float(self.cfg["secagg"]["clipping_range"]),
+            C.KEY_SECAGG_CLIP: float(self.settings["clipping_range"]),
         }
 
-    def fit_metrics(self, results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    def summary(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The protocol's settings and the weight that maps to ratio 1."""
+        return {"secagg": {**self.settings, "max_weight": self.max_weight}}
+
+    def _fit_metrics(self, results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
         """Example-weighted train loss/accuracy of the round's clients (their metrics are plain)."""
         total = sum(n for n, _ in results) or 1
         self.fit = {
             "train_loss": sum(n * float(m[C.KEY_TRAIN_LOSS]) for n, m in results) / total,
             "train_accuracy": sum(n * float(m[C.KEY_TRAIN_ACC]) for n, m in results) / total,
             "num_clients": len(results),
-            "clients": sorted(int(m[C.KEY_PARTITION_ID]) for _, m in results),
             "secagg_clipped": sum(int(m.get(C.KEY_SECAGG_CLIPPED, 0)) for _, m in results),
         }
         return {"train_loss": self.fit["train_loss"], "train_accuracy": self.fit["train_accuracy"]}
 
-    def evaluate(
-        self, server_round: int, parameters: NDArrays, config: dict[str, Scalar]
-    ) -> tuple[float, dict[str, Scalar]] | None:
-        """Record round ``server_round`` of the global model ``parameters`` (what travels)."""
-        for flat, layout in zip(parameters, self.layouts, strict=True):
+    def _sync_nodes(self, grid: Grid, partition_of: Mapping[int, int]) -> None:
+        """Give the legacy client manager exactly the nodes the loop's directory holds."""
+        manager, run_id = self.legacy.client_manager, grid.run.run_id
+        held = manager.all()
+        for cid in set(held) - {str(n) for n in partition_of}:
+            manager.unregister(held[cid])
+        for node in sorted(partition_of):
+            if str(node) not in held:
+                manager.register(GridClientProxy(node, grid, run_id))
+        self.strategy.set_partitions(partition_of)
+
+    def train(
+        self,
+        grid: Grid,
+        rnd: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        partition_of: Mapping[int, int],
+    ) -> Trained:
+        """Round ``rnd`` of the protocol from the global model ``arrays``."""
+        self._sync_nodes(grid, partition_of)
+        self.config, self.fit = dict(config), None
+        state = self.legacy.state
+        state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: rnd, WorkflowKey.START_TIME: time.time()}
+        )
+        # SecAgg+ sums every array it is given, weighted by example count: parameters and
+        # BatchNorm statistics travel as two masked arrays (FedAvg is the only rule here).
+        sent = travelling(arrays, self.parts)
+        state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters(sent), keep_input=True
+        )
+        self.workflow(grid, self.legacy)
+        sampled, fit = list(self.strategy.sampled), self.fit
+        if fit is None:  # the protocol halted: too few clients or shares
+            tqdm.write(
+                f"fedvision: secagg: round {rnd} did not aggregate (SecAgg+ halted: too few "
+                "clients or shares); the global model stays",
+                file=sys.stderr,
+            )
+            entries = {"num_clients": 0, "num_failures": len(sampled), "clients": sampled}
+            return Trained(arrays, None, {**entries, "aggregated": False})
+        received = compat.arrayrecord_to_parameters(
+            state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+        )
+        travelled = [k for k in (self.parts.shared, self.parts.stats) if k]
+        for flat, keys in zip(parameters_to_ndarrays(received), travelled, strict=True):
             packed = ArrayRecord({C.KEY_FLAT: Array(np.asarray(flat, dtype=np.float32))})
-            self.arrays = merge(self.arrays, unpack(packed, layout))
-        fit, self.fit = self.fit, None
-        record: dict[str, Any] = {"round": server_round}
-        if server_round > 0:
-            record.update(
-                {
-                    "train_loss": None, "train_accuracy": None, "num_clients": 0, "clients": [],
-                    **(fit or {"aggregated": False}),
-                    "lr": train_config(self.cfg, server_round, self.plan.num_classes)[C.KEY_LR],
-                }
-            )  # fmt: skip
-        else:
-            record["train_loss"] = None
-        evaluated = (
-            server_round == 0
-            or server_round % int(self.cfg["eval_every"]) == 0
-            or server_round == self.num_rounds
-        )
-        if evaluated:
-            record.update(self.evaluator(self.arrays))
-        best_round, best_value = self.recorder.best_with(record)
-        latest = self.run_dir / C.CKPT_LATEST
-        if server_round > 0:
-            save_checkpoint(latest, self._checkpoint(server_round, best_round, best_value))
-            record["round_s"] = round(time.perf_counter() - self.t0, 3)
-        self.recorder.append(record)
-        if best_round == server_round:
-            if server_round == 0:
-                save_checkpoint(
-                    self.run_dir / C.CKPT_BEST, self._checkpoint(0, best_round, best_value)
-                )
-            else:
-                link_or_copy(latest, self.run_dir / C.CKPT_BEST)
-        if server_round > 0:
-            self.bar.update(1)
-        self.t0 = time.perf_counter()
-        if not evaluated:
-            return None
-        return float(record["test_loss"]), {"test_accuracy": float(record["test_accuracy"])}
-
-    def _checkpoint(self, rnd: int, best_round: int | None, best_value: float | None) -> Checkpoint:
-        return Checkpoint(
-            model=self.arrays.to_torch_state_dict(),
-            arch=str(self.cfg["model"]["name"]),
-            num_classes=self.plan.num_classes,
-            round=rnd,
-            lr_horizon=lr_horizon(self.cfg),
-            strategy={},  # FedAvg keeps no state; a SecAgg+ run cannot resume anyway
-            rng=rng_state(),
-            best_round=best_round,
-            best_value=best_value,
-        )
-
-
-def serve_secagg(
-    grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float, context: Context | None = None
-) -> dict[str, Any]:
-    """The SecAgg+ run's rounds on ``grid`` (``fedvision.fl.server.serve`` writes the status)."""
-    check_secagg(cfg)
-    settings = secagg_settings(cfg)
-    assert settings is not None  # check_secagg passed and the app was chosen by this group
-    plan = read_plan(run_dir)
-    rounds = SecAggRounds(cfg, run_dir, plan)
-    scfg, n = cfg["strategy"], int(cfg["num_clients"])
-    strategy = FedAvgOfUpdates(
-        seed=int(cfg["seed"]),  # round r trains the same partitions in every run
-        query_timeout_s=plan.connect_timeout_s,
-        fraction_fit=float(scfg.get("fraction_train", 1.0)),
-        fraction_evaluate=0.0,
-        min_fit_clients=max(2, int(scfg.get("min_train_nodes", 2))),
-        min_evaluate_clients=0,
-        # Every client is up before round 1, as in the Message-API server.
-        min_available_clients=max(n, int(scfg.get("min_available_nodes", 2))),
-        evaluate_fn=rounds.evaluate,
-        on_fit_config_fn=rounds.fit_config,
-        fit_metrics_aggregation_fn=rounds.fit_metrics,
-        initial_parameters=ndarrays_to_parameters(rounds.initial_parameters()),
-    )
-    if context is None:
-        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    legacy = LegacyContext(
-        context, config=ServerConfig(num_rounds=int(cfg["num_rounds"])), strategy=strategy
-    )
-    timeout = settings["timeout"]
-    if timeout is None:
-        timeout = plan.round_timeout_s
-    workflow = build_workflow(settings, rounds.max_weight, float(timeout))
-    t_start = time.perf_counter()
-    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
-    rounds.bar.close()
-    done = sum(1 for r in rounds.recorder.records if r["round"] > 0 and "aggregated" not in r)
-    if done < int(cfg["num_rounds"]):
-        print(
-            f"fedvision: secagg: {int(cfg['num_rounds']) - done} round(s) did not aggregate "
-            "(SecAgg+ halted: too few clients or shares); the global model stayed",
-            file=sys.stderr,
-        )
-    return rounds.recorder.finish(
-        num_rounds=int(cfg["num_rounds"]),
-        wall_s=time.perf_counter() - t_start,
-        extra={
-            "timings": {"server_start": started},
-            "secagg": {**settings, "max_weight": rounds.max_weight},
-        },
-    )
+            arrays = merge(arrays, unpack(packed, layout_of(subset(arrays, keys))))
+        entries = {
+            "num_clients": fit["num_clients"],
+            "num_failures": len(sampled) - fit["num_clients"],
+            "clients": sampled,
+            "secagg_clipped": fit["secagg_clipped"],
+        }
+        metrics = {C.KEY_TRAIN_LOSS: fit["train_loss"], C.KEY_TRAIN_ACC: fit["train_accuracy"]}
+        return Trained(arrays, metrics, entries)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,12 @@ from fedvision.fl.loop import run_rounds
 from fedvision.report.metrics import read_metrics
 from fedvision.rundir import RunInterrupted, RunSuperseded, load_run_config, write_status
 
-RoundLoop = Callable[[Grid, Path, dict[str, Any], float], dict[str, Any]]
 
-
-def serve(grid: Grid, run_dir: Path, loop: RoundLoop | None = None) -> dict[str, Any]:
+def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
     """Run a prepared run directory's rounds on ``grid``; write its results there.
 
     Writes ``status.json`` (finished, failed with the one-line reason, or interrupted: the
-    launcher got a signal and wrote ``C.RUN_INTERRUPT``) whatever happens.
-    ``loop`` (grid, run directory, config, start time) -> summary runs the rounds; the default
-    is :func:`fedvision.fl.loop.run_rounds`; the SecAgg+ app passes its own
-    (``fedvision.fl.secagg``).
-    """
+    launcher got a signal and wrote ``C.RUN_INTERRUPT``) whatever happens."""
     started = time.time()
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
@@ -40,9 +33,7 @@ def serve(grid: Grid, run_dir: Path, loop: RoundLoop | None = None) -> dict[str,
         if not cfg.get("verbose", False):
             # Flower's per-round INFO lines would break the progress line; warnings still show.
             flwr_logger.setLevel(logging.WARNING)
-        if loop is None:  # SecAgg+'s legacy workflow drives its own grid
-            grid = InterruptibleGrid(grid, run_dir)
-        summary = (loop or run_rounds)(grid, run_dir, cfg, started)
+        summary = run_rounds(InterruptibleGrid(grid, run_dir), run_dir, cfg, started)
     except RunSuperseded:  # the newer server owns status.json and everything else now
         return {}
     except RunInterrupted:
