@@ -136,3 +136,13 @@ KEY_AUGMENT = "augment"  # an augmentation preset of fedvision/data/transforms.p
 KEY_NORMALISE = "normalise"  # imagenet | none
 KEY_BACKBONE_LR_FACTOR = "backbone-lr-factor"  # lr outside the head, as a multiple of lr
 KEY_SEED = "seed"  # the run's seed; each client derives its own per round
+
+# --- cohort execution (fedvision/fl/cohort.py) ----------------------------------------------------
+KEY_COHORT = "cohort"  # train config to a cohort worker: the partitions it trains, in order
+KEY_COHORT_REPORT = "cohort-report"  # its reply's ConfigRecord: per-client results, below
+KEY_COHORT_DONE = "cohort-done"  # partitions that trained (their mean is the reply's arrays)
+KEY_COHORT_NUM_TRAIN = "cohort-num-train"  # their example counts
+KEY_COHORT_LOSSES = "cohort-losses"  # their train losses
+KEY_COHORT_NORMS = "cohort-norms"  # their update norms (L2 of new - global parameters)
+KEY_COHORT_FAILED = "cohort-failed"  # partitions that failed
+KEY_COHORT_REASONS = "cohort-reasons"  # and why (the last line of each error)

@@ -75,8 +75,10 @@ class RunPlan:
     client_device : the device simulated clients train on (a SuperNode's node config wins).
     connect_timeout_s : how long the server waits for every client (the runtime's setting).
     round_timeout_s : how long it waits for a round's replies; later ones count as failed.
-    server_app, client_app : ``module:attr`` of the Flower apps the run uses (SecAgg+ has its
-        own pair); a runtime loads them with :func:`load_app`.
+    server_app, client_app : ``module:attr`` of the Flower apps the run uses (SecAgg+ and cohort
+        execution have their own ClientApp); a runtime loads them with :func:`load_app`.
+    cohort_workers : 0, or how many worker nodes train the round's clients in cohorts
+        (``fedvision.fl.cohort``); the server then expects that many nodes.
     """
 
     num_classes: int
@@ -90,6 +92,7 @@ class RunPlan:
     round_timeout_s: float = 3600.0
     server_app: str = "fedvision.fl.serverapp:app"
     client_app: str = "fedvision.fl.clientapp:app"
+    cohort_workers: int = 0
 
 
 def load_app(ref: str) -> Any:

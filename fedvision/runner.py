@@ -42,6 +42,7 @@ from fedvision.atomic import (
 from fedvision.config import CONF_DIR
 from fedvision.errors import FedvisionError
 from fedvision.fl.checkpoint import load_checkpoint
+from fedvision.fl.cohort import COHORT_CLIENT_APP, check_cohort, cohort_workers
 from fedvision.fl.parts import check_local_bn
 from fedvision.fl.privacy import check_privacy
 from fedvision.fl.round_config import check_every_round, lr_horizon
@@ -164,6 +165,7 @@ def check_config(cfg: DictConfig) -> Runtime:
     check_privacy(plain)  # delta, budget, DP-SGD (client-level DP is built by check_strategy)
     runtime = build_runtime(cfg)
     check_secagg(plain, runtime.name)  # SecAgg+: what its legacy-API app pair cannot run
+    check_cohort(plain, runtime.name)  # cohorts: what a cohort's mean cannot stand in for
     return runtime
 
 
@@ -250,7 +252,8 @@ def _prepare_run_dir(
             connect_timeout_s=runtime.connect_timeout_s,
             round_timeout_s=runtime.round_timeout_s,
             server_app=flower_apps(cfg)[0],
-            client_app=flower_apps(cfg)[1],
+            client_app=COHORT_CLIENT_APP if cohort_workers(cfg) else flower_apps(cfg)[1],
+            cohort_workers=cohort_workers(cfg),
         )
         write_plan(run_dir, plan)
         print(

@@ -44,6 +44,7 @@ from fedvision.fl.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
+from fedvision.fl.cohort import CohortRounds
 from fedvision.fl.directory import (
     ClientDirectory,
     InterruptibleGrid,
@@ -230,7 +231,9 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     base_fp = base_fingerprint(arrays, parts)
     layouts = (layout_of(subset(arrays, parts.shared)), layout_of(subset(arrays, parts.stats)))
     secure = SecureRounds.build(cfg, plan)  # SecAgg+: its workflow exchanges and aggregates
-    rounds = secure or MessageRounds(cfg, strategy, hooks, parts, layouts, timeout)
+    # Cohort execution: a few workers train the sampled clients back to back (fl/cohort.py).
+    cohorts = CohortRounds.build(cfg, plan, strategy, parts, layouts, timeout)
+    rounds = secure or cohorts or MessageRounds(cfg, strategy, hooks, parts, layouts, timeout)
     hooks += [secure] if secure else []
 
     def checkpoint(
@@ -252,7 +255,7 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     # After the round-0 evaluation: it runs while the clients' processes start.
     held = read_node_events(run_dir)
     directory = ClientDirectory(
-        int(cfg["num_clients"]),
+        int(plan.cohort_workers or cfg["num_clients"]),  # cohort workers hold no partition
         on_event=node_log(run_dir),
         held_before=[(e["node"], e["partition"]) for e in held if e["event"] == "holds"],
     )

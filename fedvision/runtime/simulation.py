@@ -49,6 +49,8 @@ class SimulationRuntime:
         clients share a GPU). Clients with no GPU share train on the CPU.
     ray_address : None starts a local Ray; ``auto`` or ``HOST:6379`` joins a running cluster.
     connect_timeout_s, round_timeout_s : read by the server (waiting for clients, for replies).
+    cohort_workers : 0 simulates one SuperNode per partition; N > 0 simulates N worker nodes
+        that each train a share of every round's clients back to back (``fedvision.fl.cohort``).
     """
 
     name = "simulation"
@@ -60,8 +62,10 @@ class SimulationRuntime:
         ray_address: str | None = None,
         connect_timeout_s: float = 120,
         round_timeout_s: float = 3600,
+        cohort_workers: int = 0,
     ) -> None:
         self.num_cpus = float(num_cpus_per_client)
+        self.cohort_workers = int(cohort_workers)
         self.num_gpus = float(num_gpus_per_client)
         self.ray_address = ray_address
         self.connect_timeout_s = float(connect_timeout_s)
@@ -73,6 +77,10 @@ class SimulationRuntime:
             raise FedvisionError(f"runtime.num_cpus_per_client={self.num_cpus} must be > 0")
         if self.num_gpus < 0:
             raise FedvisionError(f"runtime.num_gpus_per_client={self.num_gpus} must be >= 0")
+        if self.cohort_workers < 0:
+            raise FedvisionError(
+                f"runtime.cohort_workers={self.cohort_workers} must be >= 0 (0: a node per client)"
+            )
         if self.connect_timeout_s <= 0 or self.round_timeout_s <= 0:
             raise FedvisionError("runtime.connect_timeout_s and round_timeout_s must be > 0")
         if self.num_gpus > 0 and self.ray_address is None:
@@ -137,7 +145,8 @@ class SimulationRuntime:
         }
 
     def launch(self, run_dir: Path, num_clients: int, *, verbose: bool = False) -> None:
-        """Simulate ``num_clients`` SuperNodes running the apps on ``run_dir``; Ray stops after.
+        """Simulate ``num_clients`` SuperNodes (or the cohort workers) running the apps on
+        ``run_dir``; Ray stops after.
 
         This mirrors what ``flwr run`` does with a local simulation (the ``flwr-simulation``
         process): the run config, fused from ``[tool.flwr.app.config]`` and ``run-dir``, reaches
@@ -156,7 +165,7 @@ class SimulationRuntime:
 
         from fedvision.rundir import load_app, read_plan
 
-        # The run plan names the app pair (secagg=secaggplus has its own, Flower's legacy API).
+        # The run plan names the app pair (SecAgg+ and cohort workers have their own ClientApp).
         plan = read_plan(run_dir)
         server_app, client_app = load_app(plan.server_app), load_app(plan.client_app)
 
@@ -181,7 +190,7 @@ class SimulationRuntime:
             flwr_logger.setLevel(logging.ERROR)  # the progress line says what matters
         try:
             _run_simulation(
-                num_supernodes=num_clients,
+                num_supernodes=self.cohort_workers or num_clients,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 client_app=client_app,
                 server_app=server_app,

@@ -1,0 +1,229 @@
+"""Cohort execution: a few worker nodes each train many of a round's clients back to back.
+
+Flower's simulation runs one Ray task per client per message: about 30 ms and a copy of the
+model each way per client (``../shared/FLOWER-NOTES.md``), which decides the throughput when a
+client's work is a fraction of a second (the cross-device regime: 1,000 clients of 50 images).
+With ``runtime.cohort_workers=W`` the simulation starts W nodes instead of one per partition;
+each round the strategy samples partitions as always (over a virtual population, so the draw is
+the one a per-client run makes), the sample is split into W cohorts balanced by example count,
+and each worker trains its cohort one client after another on its resident model, each from the
+global model, and replies with the cohort's example-weighted mean and example total.
+
+That reply is an exact stand-in for its clients only where the strategy's aggregate depends on
+them through the example-weighted mean of their weights and metrics: FedAvg, FedProx, and the
+server optimisers over that mean (FedAvgM, FedAdam, FedYogi, FedAdagrad). Everything else is
+refused by :func:`check_cohort` before any work (rules that need each update, client state,
+client-level DP, simulated devices, SecAgg+, federated evaluation). Per-client results (who
+trained, example counts, losses, update norms, failures with their reasons) travel beside the
+mean in a ConfigRecord and are recorded as in a per-client run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedvision import constants as C
+from fedvision.data.partition import load_partition
+from fedvision.errors import FedvisionError
+from fedvision.fl.arrays import float32_arrays, pack, unpack
+from fedvision.fl.directory import exchange, say_failures
+from fedvision.fl.feature import Trained
+from fedvision.fl.parts import local_bn, mean_stats, merge, packed_stats, subset, take_stats
+from fedvision.fl.privacy import client_level_mode
+from fedvision.models import ModelParts
+from fedvision.rundir import RunPlan
+
+COHORT_CLIENT_APP = "fedvision.fl.cohort_clientapp:app"
+# Strategies whose aggregate sees the clients only through their example-weighted mean.
+MEAN_STRATEGIES = tuple(
+    f"flwr.serverapp.strategy.{name}"
+    for name in ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad")
+)
+
+
+def cohort_workers(cfg: Mapping[str, Any]) -> int:
+    """``runtime.cohort_workers`` of a launch config (0: one node per partition)."""
+    return int((cfg.get("runtime") or {}).get("cohort_workers") or 0)
+
+
+def check_cohort(cfg: Mapping[str, Any], runtime: str) -> None:
+    """Refuse, one line each, what a cohort's mean cannot stand in for (before any work)."""
+    workers = cohort_workers(cfg)
+    if workers == 0:
+        return
+    refusals = [
+        (workers < 0, f"runtime.cohort_workers={workers} must be >= 0 (0: one node per client)"),
+        (runtime != "simulation", f"cohort execution is a simulation mode, not runtime={runtime}"),
+        (
+            str(cfg["strategy"].get("_target_")) not in MEAN_STRATEGIES,
+            f"cohort execution needs a strategy that aggregates the example-weighted mean "
+            f"(fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad), not "
+            f"{cfg['strategy'].get('_target_')}: set runtime.cohort_workers=0",
+        ),
+        (
+            client_level_mode(cfg) != "none" or bool((cfg.get("privacy") or {}).get("dpsgd")),
+            "cohort execution does not combine with differential privacy yet: set privacy=none "
+            "or runtime.cohort_workers=0",
+        ),
+        (bool(cfg.get("system")), "cohort execution does not simulate devices: set system=none"),
+        (bool(cfg.get("secagg")), "cohort execution does not run SecAgg+: set secagg=none"),
+        (local_bn(cfg), "cohort execution keeps no client state: set client.local_bn=false"),
+        (
+            float(cfg["strategy"].get("fraction_evaluate", 0.0)) > 0,
+            "cohort execution evaluates centrally only: set strategy.fraction_evaluate=0",
+        ),
+    ]
+    for refused, reason in refusals:
+        if refused:
+            raise FedvisionError(reason)
+
+
+def split_cohorts(pids: Sequence[int], sizes: Sequence[int], workers: int) -> list[list[int]]:
+    """``pids`` in ``workers`` cohorts of about equal examples (largest first to the lightest).
+
+    Deterministic: ties go to the lower worker, and each cohort is in partition order.
+    """
+    load = [0] * workers
+    cohorts: list[list[int]] = [[] for _ in range(workers)]
+    for pid in sorted(pids, key=lambda p: (-sizes[p], p)):
+        w = min(range(workers), key=lambda i: (load[i], i))
+        cohorts[w].append(pid)
+        load[w] += sizes[pid]
+    return [sorted(c) for c in cohorts]
+
+
+def _bytes(messages: Sequence[Message]) -> int:
+    return sum(a.count_bytes() for m in messages for a in m.content.array_records.values())
+
+
+class Population:
+    """A grid of one virtual node per partition (node id = partition id), for sampling only."""
+
+    def __init__(self, num_clients: int) -> None:
+        self.num_clients = num_clients
+
+    def get_node_ids(self) -> list[int]:
+        """Every partition, connected."""
+        return list(range(self.num_clients))
+
+
+class CohortRounds:
+    """A round in cohorts, for :func:`fedvision.fl.loop.run_rounds` (see the module docstring)."""
+
+    def __init__(
+        self, cfg: Mapping[str, Any], plan: RunPlan, strategy: Strategy, parts: ModelParts,
+        layouts: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], timeout: float,
+    ) -> None:  # fmt: skip
+        self.strategy, self.parts, self.timeout = strategy, parts, timeout
+        self.layout, self.stats_layout = layouts
+        self.workers = int(plan.cohort_workers)
+        self.num_clients = int(cfg["num_clients"])
+        self.sizes = [len(t) for t in load_partition(Path(plan.partition_file)).train]
+        self.min_replies = int(cfg.get("min_train_replies", 1))
+
+    @classmethod
+    def build(
+        cls, cfg: Mapping[str, Any], plan: RunPlan, strategy: Strategy, parts: ModelParts,
+        layouts: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], timeout: float,
+    ) -> CohortRounds | None:  # fmt: skip
+        """The cohort rounds of a run whose plan has cohort workers, else None."""
+        return cls(cfg, plan, strategy, parts, layouts, timeout) if plan.cohort_workers else None
+
+    def train(
+        self,
+        grid: Grid,
+        rnd: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        partition_of: Mapping[int, int],
+    ) -> Trained:
+        """Round ``rnd`` from ``arrays``; ``partition_of`` maps worker nodes to worker indices."""
+        shared = pack(subset(arrays, self.parts.shared))
+        stats = packed_stats(arrays, self.parts)
+        # The strategy samples and configures over the whole population, as in a per-client run.
+        self.strategy.set_partitions({p: p for p in range(self.num_clients)})
+        sampled = list(
+            self.strategy.configure_train(rnd, shared, config, Population(self.num_clients))
+        )
+        pids = sorted(m.metadata.dst_node_id for m in sampled)
+        nodes = sorted(partition_of, key=lambda n: partition_of[n])
+        messages = []
+        for node, cohort in zip(nodes, split_cohorts(pids, self.sizes, len(nodes)), strict=True):
+            if not cohort:
+                continue
+            content = dict(sampled[0].content.items())  # every sampled client gets the same
+            content[C.KEY_CONFIG] = ConfigRecord({**content[C.KEY_CONFIG], C.KEY_COHORT: cohort})
+            if stats is not None:
+                content[C.KEY_BN_STATS] = stats
+            msg = Message(
+                content=RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN
+            )
+            messages.append(msg)
+        replies = exchange(grid, messages, self.timeout) if messages else []
+        by_node = {m.metadata.src_node_id: m for m in replies}
+
+        ok, failures, norms, trained = [], [], [], 0
+        for msg in messages:
+            cohort = list(msg.content[C.KEY_CONFIG][C.KEY_COHORT])
+            reply = by_node.get(msg.metadata.dst_node_id)
+            if reply is None or reply.has_error():
+                reason = "no reply within runtime.round_timeout_s"
+                if reply is not None:
+                    lines = (reply.error.reason or "").strip().splitlines()
+                    reason = lines[-1] if lines else f"error code {reply.error.code}"
+                failures += [{"partition": p, "code": None, "reason": reason} for p in cohort]
+                continue
+            report = reply.content.config_records[C.KEY_COHORT_REPORT]
+            why = zip(report[C.KEY_COHORT_FAILED], report[C.KEY_COHORT_REASONS], strict=True)
+            failures += [{"partition": int(p), "code": None, "reason": str(r)} for p, r in why]
+            norms += [float(x) for x in report[C.KEY_COHORT_NORMS]]
+            done = len(report[C.KEY_COHORT_NORMS])
+            trained += done
+            if done:  # the strategy sees the cohort's mean as one reply, nothing else
+                content = dict(reply.content.items())
+                content.pop(C.KEY_COHORT_REPORT)
+                ok.append(Message(content=RecordDict(content), reply_to=msg))
+        failures.sort(key=lambda f: f["partition"])
+        if not ok and messages:
+            first = failures[0]["reason"] if failures else "no reply"
+            raise FedvisionError(f"round {rnd}: every client failed; first: {first}")
+        if failures:
+            say_failures(rnd, failures, len(pids), trained, self.min_replies)
+
+        bytes_down = sum(
+            a.count_bytes() for m in messages for a in m.content.array_records.values()
+        )
+        bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
+        client_stats = take_stats(ok)
+        aggregate = trained >= self.min_replies
+        metrics = None
+        if aggregate:
+            new_arrays, metrics = self.strategy.aggregate_train(rnd, ok)
+            if new_arrays is not None:
+                arrays = merge(arrays, unpack(float32_arrays(new_arrays), self.layout))
+                if (mean := mean_stats(client_stats)) is not None:
+                    arrays = merge(arrays, unpack(mean, self.stats_layout))
+        record: dict[str, Any] = {
+            "num_clients": trained,
+            "num_failures": len(failures),
+            "clients": pids,
+            "bytes_down": int(bytes_down),
+            "bytes_up": int(bytes_up),
+            "cohorts": len(messages),
+        }
+        if norms:
+            record["update_norm_median"] = float(np.median(norms))
+            record["update_norm_max"] = max(norms)
+        if failures:
+            record["failures"] = failures
+        if not aggregate:
+            record["aggregated"] = False
+        return Trained(arrays, metrics, record)

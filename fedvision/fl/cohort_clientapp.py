@@ -1,0 +1,109 @@
+"""The cohort worker's ClientApp (``fedvision.fl.cohort_clientapp:app``), for
+``runtime.cohort_workers > 0`` (:mod:`fedvision.fl.cohort`).
+
+A worker node holds no partition of its own: each train message names the partitions it trains
+this round. It trains them one after another with the engine's ``train_local`` (no training loop
+here), each from the received global model, on the model this process keeps resident (the
+ClientApp's cache), and replies with their example-weighted mean, their example total and one
+ConfigRecord of per-client results. A client that fails is reported with its reason and left
+out of the mean; the others still count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedvision import constants as C
+from fedvision.engine import train_local
+from fedvision.fl.arrays import float32_arrays, pack
+from fedvision.fl.clientapp import client_indices, load_global, node_settings
+from fedvision.fl.round_config import to_train_config
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which worker this node is, and prove the run's data opens here."""
+    node = node_settings(context)
+    client_indices({**node, C.KEY_PARTITION_ID: 0})
+    metrics = MetricRecord({C.KEY_PARTITION_ID: int(node[C.KEY_PARTITION_ID])})
+    return Message(content=RecordDict({C.KEY_METRICS: metrics}), reply_to=msg)
+
+
+def _reason(exc: Exception) -> str:
+    lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train this round's cohort; reply with its example-weighted mean and per-client results."""
+    worker = node_settings(context)
+    record = msg.content[C.KEY_CONFIG]
+    arrays = msg.content[C.KEY_ARRAYS]
+    stats = msg.content.array_records.get(C.KEY_BN_STATS)
+    start = arrays[C.KEY_FLAT].numpy().astype(np.float64)
+    sums: dict[str, np.ndarray] = {}  # example-weighted sums, in float64, of what travels back
+    done, counts, losses, norms, failed, reasons = [], [], [], [], [], []
+    loss_sum = acc_sum = seconds = 0.0
+    for pid in [int(p) for p in record[C.KEY_COHORT]]:
+        node = {**worker, C.KEY_PARTITION_ID: pid}
+        node.pop(C.NODE_PARTITION_INDEX, None)  # the partition file's own index: pid
+        try:
+            cache, train_idx, _ = client_indices(node)
+            model, parts, _ = load_global(record, arrays, node, context, stats=stats)
+            device = next(model.parameters()).device
+            result = train_local(
+                model, cache.images, cache.labels, train_idx, to_train_config(record, pid), device
+            )
+        except Exception as exc:  # one client's failure is its own, as in a per-client run
+            failed.append(pid)
+            reasons.append(_reason(exc))
+            continue
+        state = model.state_dict()
+        sent = {C.KEY_ARRAYS: {k: state[k] for k in parts.shared}}
+        if parts.stats:
+            sent[C.KEY_BN_STATS] = {k: state[k] for k in parts.stats}
+        n = int(result.num_examples)
+        for key, part in sent.items():
+            flat = pack(float32_arrays(part))[C.KEY_FLAT].numpy().astype(np.float64)
+            if key == C.KEY_ARRAYS:
+                norms.append(float(np.linalg.norm(flat - start)))
+            sums[key] = sums.get(key, 0.0) + n * flat
+        done.append(pid)
+        counts.append(n)
+        losses.append(float(result.loss))
+        loss_sum += n * float(result.loss)
+        acc_sum += n * float(result.accuracy)
+        seconds += float(result.seconds)
+    total = sum(counts)
+    content = RecordDict()
+    for key in (C.KEY_ARRAYS, C.KEY_BN_STATS):
+        if key in sums and total > 0:
+            mean = (sums[key] / total).astype(np.float32)
+            content[key] = ArrayRecord({C.KEY_FLAT: Array(mean)})
+    if C.KEY_ARRAYS not in content:  # nobody trained: the reply says so and carries the start
+        content[C.KEY_ARRAYS] = arrays
+    content[C.KEY_METRICS] = MetricRecord(
+        {
+            C.KEY_NUM_EXAMPLES: total,
+            C.KEY_NUM_TRAIN: total,
+            C.KEY_TRAIN_LOSS: loss_sum / total if total else 0.0,
+            C.KEY_TRAIN_ACC: acc_sum / total if total else 0.0,
+            C.KEY_TRAIN_SECONDS: seconds,
+        }
+    )
+    content[C.KEY_COHORT_REPORT] = ConfigRecord(
+        {
+            C.KEY_COHORT_DONE: done,
+            C.KEY_COHORT_NUM_TRAIN: counts,
+            C.KEY_COHORT_LOSSES: losses,
+            C.KEY_COHORT_NORMS: norms,
+            C.KEY_COHORT_FAILED: failed,
+            C.KEY_COHORT_REASONS: reasons,
+        }
+    )
+    return Message(content=content, reply_to=msg)

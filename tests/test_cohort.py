@@ -1,0 +1,205 @@
+"""Cohort execution (``runtime.cohort_workers``): the same global model as one node per client.
+
+Both runs are served in this process: the per-client run by fedvision's ClientApp on one node
+per partition, the cohort run by the cohort ClientApp on two worker nodes, every message
+serialised to Flower's protobuf and back (``tests.grids.LoopbackGrid``). No Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fedvision import constants as C
+from fedvision.config import compose_config
+from fedvision.errors import FedvisionError
+from fedvision.fl import clientapp, cohort_clientapp
+from fedvision.fl.cohort import COHORT_CLIENT_APP, check_cohort, split_cohorts
+from fedvision.fl.server import serve
+from fedvision.report.metrics import read_metrics
+from fedvision.rundir import read_plan, write_plan
+from fedvision.runner import check_config, run_experiment
+from strategies.sampling import draw_partitions
+from tests.grids import LoopbackGrid
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+NUM_CLIENTS, WORKERS = 6, 2
+
+
+def _overrides(dataset, *extra: str) -> list[str]:
+    """6 clients, 3 sampled a round, 3 rounds of NIID-Bench's small CNN on the tiny dataset."""
+    return [
+        "experiment=quick",
+        f"data.root={dataset}",
+        f"data.classes_file={dataset / 'target_classes.txt'}",
+        "data.size=32",
+        "data.workers=1",
+        "model=simple_cnn",
+        f"num_clients={NUM_CLIENTS}",
+        "num_rounds=3",
+        "partition=dirichlet",
+        "partition.min_size=2",
+        "strategy.fraction_train=0.5",
+        "client.local_steps=3",
+        "client.batch_size=4",
+        "progress=false",
+        "tracking=none",
+        "runtime=prepare_only",
+        *extra,
+    ]
+
+
+def _prepare(dataset, run_dir, *extra: str, workers: int = 0) -> None:
+    assert run_experiment(compose_config(_overrides(dataset, *extra)), run_dir) == {
+        "prepared": str(run_dir)
+    }
+    if workers:  # what `runtime.cohort_workers=2` writes into the plan of a simulation run
+        plan = read_plan(run_dir)
+        write_plan(
+            run_dir,
+            dataclasses.replace(plan, cohort_workers=workers, client_app=COHORT_CLIENT_APP),
+        )
+
+
+def _grid(run_dir, app, nodes: int) -> LoopbackGrid:
+    """``nodes`` nodes running ``app``, node i holding partition (or worker index) i."""
+    return LoopbackGrid(
+        {500 + i: app for i in range(nodes)},
+        node_config={
+            500 + i: {C.KEY_PARTITION_ID: i, C.KEY_NUM_PARTITIONS: nodes} for i in range(nodes)
+        },
+        run_config={C.RUN_DIR_KEY: str(run_dir)},
+    )
+
+
+def _final(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / C.CKPT_LATEST, weights_only=False)["model"]
+
+
+@pytest.mark.parametrize(
+    "strategy", [[], ["strategy=fedprox", "strategy.proximal_mu=0.1"], ["strategy=fedadam"]]
+)
+def test_a_cohort_run_gives_the_per_client_runs_global_model(generated_dataset, tmp_path, strategy):
+    per_client, cohorts = tmp_path / "per_client", tmp_path / "cohorts"
+    _prepare(generated_dataset, per_client, *strategy)
+    _prepare(generated_dataset, cohorts, *strategy, workers=WORKERS)
+    serve(_grid(per_client, clientapp.app, NUM_CLIENTS), per_client)
+    grid = _grid(cohorts, cohort_clientapp.app, WORKERS)
+    serve(grid, cohorts)
+    for run_dir in (per_client, cohorts):
+        assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished"
+    a, b = read_metrics(per_client), read_metrics(cohorts)
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    for x, y in zip(a[1:], b[1:], strict=True):
+        # The same seeded sample, each client trained once, its example count kept.
+        assert x["clients"] == y["clients"] and len(y["clients"]) == 3
+        assert x["num_clients"] == y["num_clients"] == 3 and y["num_failures"] == 0
+        assert y["cohorts"] == WORKERS  # three clients in two cohorts: two messages
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-6)
+        assert y["update_norm_median"] == pytest.approx(x["update_norm_median"], rel=1e-5)
+        assert y["test_loss"] == pytest.approx(x["test_loss"], rel=1e-4)
+    # Tolerance: the cohort sums its clients in float64 and sends a float32 mean, so the
+    # summation order (and one rounding) differs from FedAvg over three float32 replies.
+    wa, wb = _final(per_client), _final(cohorts)
+    moved = 0
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(wa[k], torch.load(per_client / C.RUN_INITIAL)[k])
+    assert moved  # the model did train
+    # Two messages went out a round instead of three, each with the whole cohort's list.
+    sent = [m for m in grid.received if C.KEY_COHORT_REPORT in m.content.config_records]
+    assert len(sent) == 3 * WORKERS
+
+
+def test_a_failing_client_is_recorded_and_the_rest_of_its_cohort_counts(
+    generated_dataset, tmp_path, monkeypatch
+):
+    seed = int(compose_config(_overrides(generated_dataset)).seed)
+    bad = draw_partitions(range(NUM_CLIENTS), 3, seed, 1)[0]  # round 1's first client
+    real = cohort_clientapp.client_indices
+
+    def flaky(node):
+        if int(node[C.KEY_PARTITION_ID]) == bad:
+            raise RuntimeError("CUDA out of memory (staged)")
+        return real(node)
+
+    monkeypatch.setattr(cohort_clientapp, "client_indices", flaky)
+    run_dir = tmp_path / "run"
+    _prepare(generated_dataset, run_dir, workers=WORKERS)
+    serve(_grid(run_dir, cohort_clientapp.app, WORKERS), run_dir)
+    assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished"
+    records = read_metrics(run_dir)[1:]
+    assert bad in records[0]["clients"]
+    for r in records:
+        if bad in r["clients"]:
+            assert r["num_failures"] == 1 and r["num_clients"] == len(r["clients"]) - 1
+            reason = "RuntimeError: CUDA out of memory (staged)"
+            assert r["failures"] == [{"partition": bad, "code": None, "reason": reason}]
+            assert "aggregated" not in r  # the other clients of its cohort still count
+        else:
+            assert r["num_failures"] == 0
+
+
+def test_cohorts_split_the_sample_by_examples_largest_first():
+    sizes = [50, 10, 30, 30, 5, 40]
+    # By hand: 50 -> w0; 40 -> w1; 30 (p2) -> w1 (40 < 50); 30 (p3) -> w0 (50 < 70);
+    # 10 -> w1 (70 < 80); 5 -> w0 (80 = 80: the lower index). Loads 85 and 80.
+    assert split_cohorts(range(6), sizes, 2) == [[0, 3, 4], [1, 2, 5]]
+    assert split_cohorts([4], sizes, 3) == [[4], [], []]  # an idle worker gets no message
+    assert split_cohorts([], sizes, 2) == [[], []]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy=scaffold"], "aggregates the example-weighted mean"),
+        (["strategy=fednova"], "aggregates the example-weighted mean"),
+        (["strategy=krum"], "aggregates the example-weighted mean"),
+        (["strategy=fedmedian"], "aggregates the example-weighted mean"),
+        (["privacy=client_fixed", "model.finetune=head"], "differential privacy"),
+        (["privacy=dpsgd"], "differential privacy"),
+        (["system=tiers"], "does not simulate devices"),
+        (["secagg=secaggplus", "num_clients=4"], "does not run SecAgg+"),
+        (["client.local_bn=true", "strategy.fraction_evaluate=1.0"], "keeps no client state"),
+        (["strategy.fraction_evaluate=0.5"], "evaluates centrally only"),
+        (["runtime.cohort_workers=-1"], "must be >= 0"),
+    ],
+)
+def test_what_a_cohort_cannot_stand_in_for_is_refused_before_any_work(overrides, message):
+    cfg = compose_config(["runtime.cohort_workers=2", *overrides])
+    with pytest.raises(FedvisionError, match=message):
+        check_config(cfg)
+
+
+def test_cohort_mode_is_refused_outside_the_simulation():
+    with pytest.raises(FedvisionError, match="a simulation mode, not runtime=x"):
+        check_cohort(OmegaConf.to_container(compose_config(["runtime.cohort_workers=2"])), "x")
+
+
+def test_the_default_is_one_node_per_client_and_a_cohort_config_passes():
+    assert compose_config([]).runtime.cohort_workers == 0
+    assert check_config(compose_config(["runtime.cohort_workers=2"])).cohort_workers == 2
+
+
+def test_the_worker_averages_its_clients_by_example_count(generated_dataset, tmp_path):
+    """A cohort of one client replies what that client alone would: the mean of one."""
+    run_dir = tmp_path / "run"
+    _prepare(generated_dataset, run_dir, "num_rounds=1", workers=1)
+    grid = _grid(run_dir, cohort_clientapp.app, 1)
+    serve(grid, run_dir)
+    report = next(
+        m.content.config_records[C.KEY_COHORT_REPORT]
+        for m in grid.received
+        if C.KEY_COHORT_REPORT in m.content.config_records
+    )
+    counts = list(report[C.KEY_COHORT_NUM_TRAIN])
+    losses = list(report[C.KEY_COHORT_LOSSES])
+    record = read_metrics(run_dir)[1]
+    assert list(report[C.KEY_COHORT_DONE]) == record["clients"]
+    assert record["train_loss"] == pytest.approx(np.dot(counts, losses) / sum(counts), rel=1e-9)
