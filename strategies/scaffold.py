@@ -8,7 +8,7 @@ Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federate
 - client i trains K steps on ``g + c - c_i`` (its gradient corrected towards the average
   direction), then sets ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` and replies its model ``y_i``
   and ``c_i+ - c_i`` (``C.KEY_CONTROL_DELTA``); ``c_i`` stays in the client's ``Context.state``
-  (``fedvision.fl.algorithms`` does the client side);
+  (as FedBN keeps its BatchNorm), zeros the first time it trains;
 - the server, over the set S of clients that replied:
 
       x <- x + global_lr * (1/|S|) * sum_i (y_i - x)
@@ -23,18 +23,26 @@ Option II assumes plain SGD. With momentum ``rho`` the client divides by
 exact for a constant gradient, equal to K for ``rho=0``); weight decay is part of the gradient in
 PyTorch's SGD and so of ``c_i``. Both are approximations the paper does not cover. Adam is refused.
 
-``c`` has an entry for every shared entry (the model's packed shared part); entries that are no
-trained parameter (BatchNorm's running statistics and counter) keep a zero control variate, as the
-clients send zero updates for them.
+``c`` has an entry for every shared entry (the model's packed shared part), and every shared
+entry is a trained parameter: BatchNorm's running statistics travel in a record of their own and
+get no control variate. A FedBN client's own BatchNorm weights train but are not shared: their
+correction is zero.
+
+Both sides live here, so the algorithm has one home: :class:`Scaffold` is the server's strategy;
+:func:`read_controls`, :func:`grad_correction`, :func:`update_controls` and
+:func:`store_controls` are the client's, called by the ClientApp around the engine's
+``train_local(grad_correction=...)`` (the engine gets plain tensors and never sees a message).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -42,7 +50,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
 from strategies._replies import arrays_like, as_record, ok_replies
-from strategies.fednova import require_sgd
+from strategies.fednova import momentum_steps, require_sgd
 
 
 def _zeros_like(arrays: ArrayRecord) -> ArrayRecord:
@@ -139,3 +147,99 @@ class Scaffold(FedAvg):
         self.control = as_record(new_c, c)
         metrics = aggregate_metricrecords([m.content for m in valid], self.weighted_by_key)
         return as_record(new_x, x), metrics
+
+
+# --- the client side -----------------------------------------------------------------------------
+
+
+def _flat(record: ArrayRecord, what: str, size: int) -> np.ndarray:
+    if list(record.keys()) != [C.KEY_FLAT] or record[C.KEY_FLAT].numpy().size != size:
+        raise FedvisionError(
+            f"{what} does not fit this client's shared model ({size} values): client and "
+            "server run different models"
+        )
+    return np.asarray(record[C.KEY_FLAT].numpy(), dtype=np.float32).reshape(-1)
+
+
+@dataclass
+class Controls:
+    """SCAFFOLD's control variates of one round on one client, flat over the shared part."""
+
+    c: np.ndarray  # the server's, as received
+    c_i: np.ndarray  # this client's, before training
+
+
+def read_controls(
+    msg: Message, context: Context, model: torch.nn.Module, shared: Sequence[str], optimizer: str
+) -> Controls | None:
+    """The round's control variates, or ``None`` when the message carries no ``c`` (not SCAFFOLD).
+
+    ``shared`` names the model's packed state-dict entries, in packing order; ``c_i`` comes from
+    ``context.state`` (zeros the first time this node trains).
+    """
+    record = msg.content.array_records.get(C.KEY_CONTROL)
+    if record is None:
+        return None
+    if optimizer != "sgd":  # the server refuses it too; a hand-made run config may not
+        raise FedvisionError(
+            f"SCAFFOLD (option II) needs local SGD, but this round's optimizer is {optimizer}"
+        )
+    state = model.state_dict()
+    size = sum(state[k].numel() for k in shared)
+    c = _flat(record, "the server's control variate", size)
+    own = context.state.get(C.STATE_CONTROL)
+    c_i = (
+        np.zeros_like(c)
+        if own is None
+        else _flat(own, "this client's stored control variate", size)
+    )
+    return Controls(c=c, c_i=c_i)
+
+
+def grad_correction(
+    controls: Controls, model: torch.nn.Module, shared: Sequence[str]
+) -> list[torch.Tensor]:
+    """``c - c_i`` per trainable parameter, in ``trainable_parameters`` order (0 when not shared).
+
+    A FedBN client's own BatchNorm weights are trainable but not shared: no control variate.
+    """
+    state = model.state_dict()
+    offsets, start = {}, 0
+    for k in shared:
+        offsets[k] = start
+        start += state[k].numel()
+    diff = controls.c - controls.c_i
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in offsets:
+            piece = diff[offsets[name] : offsets[name] + p.numel()]
+            out.append(torch.from_numpy(piece.copy()).reshape(p.shape))
+        else:
+            out.append(torch.zeros_like(p, device="cpu"))
+    return out
+
+
+def update_controls(
+    controls: Controls, x: np.ndarray, y: np.ndarray, steps: int, lr: float, momentum: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Option II: ``c_i+ = c_i - c + (x - y) / (a * lr)`` over the packed parameters.
+
+    ``a`` is ``steps`` for plain SGD and :func:`~strategies.fednova.momentum_steps` with momentum
+    (the coefficient sum of ``steps`` momentum steps). Returns ``(c_i+, c_i+ - c_i)``.
+    """
+    a = momentum_steps(steps, momentum)
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    new = (controls.c_i.astype(np.float64) - controls.c + (x64 - y64) / (a * lr)).astype(np.float32)
+    return new, (new.astype(np.float64) - controls.c_i).astype(np.float32)
+
+
+def store_controls(context: Context, c_i: np.ndarray) -> None:
+    """Keep ``c_i`` in this node's Context for its next round."""
+    context.state[C.STATE_CONTROL] = ArrayRecord({C.KEY_FLAT: Array(c_i)})
+
+
+def packed_record(values: np.ndarray) -> ArrayRecord:
+    """A flat float32 vector as the one-array record messages carry."""
+    return ArrayRecord({C.KEY_FLAT: Array(np.asarray(values, dtype=np.float32))})

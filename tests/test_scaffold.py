@@ -19,12 +19,11 @@ from fedvision.data.generate import generate_dataset
 from fedvision.engine import TrainConfig, train_local
 from fedvision.errors import FedvisionError
 from fedvision.fl import clientapp
-from fedvision.fl.algorithms import Controls, update_controls
 from fedvision.fl.arrays import unpack
 from fedvision.fl.checkpoint import load_checkpoint, restore_strategy_state, strategy_state
 from fedvision.fl.server import serve
 from fedvision.report.metrics import read_metrics
-from strategies.scaffold import Scaffold
+from strategies.scaffold import Controls, Scaffold, read_controls, update_controls
 from tests.grids import InlineGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -321,7 +320,5 @@ def test_a_client_with_another_optimiser_refuses_scaffold():
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     c = ArrayRecord({C.KEY_FLAT: Array(np.zeros(3, np.float32))})
     msg = Message(content=RecordDict({C.KEY_CONTROL: c}), dst_node_id=1, message_type="train")
-    from fedvision.fl.algorithms import read_controls
-
     with pytest.raises(FedvisionError, match="needs local SGD"):
-        read_controls(msg, ctx, nn.Linear(1, 1), None, "adam")
+        read_controls(msg, ctx, nn.Linear(1, 1), (), "adam")

@@ -37,18 +37,18 @@ from fedvision.data.partition import Partition, load_partition
 from fedvision.engine import evaluate, resolve_device, train_local
 from fedvision.engine.dpsgd import train_local_dpsgd
 from fedvision.errors import FedvisionError
-from fedvision.fl.algorithms import (
+from fedvision.fl.arrays import float32_arrays, pack, unpack
+from fedvision.fl.privacy import clipping_mod, dpsgd_config, equal_weights
+from fedvision.fl.round_config import to_train_config
+from fedvision.models import ModelParts, build_model, fingerprint, split_parts
+from fedvision.rundir import RunPlan, read_plan, run_dir_from
+from strategies.scaffold import (
     grad_correction,
     packed_record,
     read_controls,
     store_controls,
     update_controls,
 )
-from fedvision.fl.arrays import float32_arrays, pack, unpack
-from fedvision.fl.privacy import clipping_mod, dpsgd_config, equal_weights
-from fedvision.fl.round_config import to_train_config
-from fedvision.models import ModelParts, build_model, fingerprint, split_parts
-from fedvision.rundir import RunPlan, read_plan, run_dir_from
 
 app = ClientApp()
 
@@ -263,12 +263,14 @@ def train(msg: Message, context: Context) -> Message:
     record = msg.content[C.KEY_CONFIG]
     cfg = to_train_config(record, int(node[C.KEY_PARTITION_ID]))
     device = next(model.parameters()).device
-    controls = read_controls(msg, context, model, parts, cfg.optimizer)  # SCAFFOLD only
+    controls = read_controls(msg, context, model, parts.shared, cfg.optimizer)  # SCAFFOLD only
     dp = dpsgd_config(record)
     if dp is None:
         result = train_local(
             model, cache.images, cache.labels, train_idx, cfg, device,
-            grad_correction=None if controls is None else grad_correction(controls, model, parts),
+            grad_correction=(
+                None if controls is None else grad_correction(controls, model, parts.shared)
+            ),
         )  # fmt: skip
     else:
         # Sample-level DP-SGD (never with SCAFFOLD: check_privacy refuses the pair). The epsilon
@@ -295,7 +297,7 @@ def train(msg: Message, context: Context) -> Message:
             C.KEY_TRAIN_ACC: float(result.accuracy),
             C.KEY_TRAIN_SECONDS: float(result.seconds),
             # The local work: FedNova normalises by the steps and the SGD momentum they ran
-            # with (Adam has none; FedNova refuses it); the simulated clock (fedvision.fl.system)
+            # with (Adam has none; FedNova refuses it); the simulated clock (fedvision.system)
             # times the samples.
             C.KEY_STEPS: int(result.steps),
             C.KEY_MOMENTUM: float(cfg.momentum if cfg.optimizer == "sgd" else 0.0),
