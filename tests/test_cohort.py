@@ -22,7 +22,7 @@ from fedvision.fl import clientapp, cohort_clientapp
 from fedvision.fl.cohort import COHORT_CLIENT_APP, check_cohort, split_cohorts
 from fedvision.fl.server import serve
 from fedvision.report.metrics import read_metrics
-from fedvision.rundir import read_plan, write_plan
+from fedvision.rundir import read_node_events, read_plan, write_plan
 from fedvision.runner import check_config, run_experiment
 from strategies.sampling import draw_partitions
 from tests.grids import LoopbackGrid
@@ -203,3 +203,22 @@ def test_the_worker_averages_its_clients_by_example_count(generated_dataset, tmp
     record = read_metrics(run_dir)[1]
     assert list(report[C.KEY_COHORT_DONE]) == record["clients"]
     assert record["train_loss"] == pytest.approx(np.dot(counts, losses) / sum(counts), rel=1e-9)
+
+
+def test_a_cohort_run_in_the_ray_simulation_trains_every_sampled_client_on_two_workers(
+    generated_dataset, tmp_path
+):
+    from test_simulation import _no_ray_or_flower_left
+
+    run_dir = tmp_path / "run"
+    extra = ["runtime=simulation", "runtime.cohort_workers=2", "num_rounds=2"]
+    base = [o for o in _overrides(generated_dataset) if o != "runtime=prepare_only"]
+    run_experiment(compose_config([*base, *extra]), run_dir)
+    plan = read_plan(run_dir)
+    assert (plan.cohort_workers, plan.client_app) == (2, COHORT_CLIENT_APP)
+    assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished"
+    held = [e["partition"] for e in read_node_events(run_dir) if e["event"] == "holds"]
+    assert sorted(held) == [0, 1]  # two worker nodes, not one per partition
+    for r in read_metrics(run_dir)[1:]:
+        assert r["num_clients"] == len(r["clients"]) == 3 and r["cohorts"] == 2
+    assert _no_ray_or_flower_left()
