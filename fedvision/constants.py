@@ -102,7 +102,7 @@ KEY_CONTROL_DELTA = "scaffold-dc"  # train reply: c_i+ - c_i (packed like the mo
 STATE_CONTROL = "fedvision-scaffold-ci"  # Context.state record: this client's control variate c_i
 KEY_STEPS = "steps"  # train reply metric: local optimiser steps done (FedNova's tau_i)
 KEY_MOMENTUM = "momentum"  # train config and reply metric: the SGD momentum of local training
-# --- simulated system heterogeneity (appended; see fedvision/fl/system.py) ----------------------
+# --- simulated system heterogeneity (appended; see fedvision/system/) ---------------------------
 RUN_SYSTEM = "system.json"  # each client's simulated device: speed (samples/s), bandwidth (B/s)
 REPORT_SIM_PLOT = "report_sim_time.png"  # fedvision report: test accuracy over simulated time
 REPORT_PRIVACY_PLOT = "report_privacy.png"  # fedvision report: test accuracy against epsilon

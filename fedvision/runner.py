@@ -48,7 +48,6 @@ from fedvision.fl.privacy import check_privacy
 from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.secagg import check_secagg, flower_apps
 from fedvision.fl.strategy import check_strategy
-from fedvision.fl.system_round import check_system
 from fedvision.models import (
     ARCHITECTURES,
     build_model,
@@ -80,6 +79,7 @@ from fedvision.rundir import (
 )
 from fedvision.runtime import Runtime
 from fedvision.schema import check_types
+from fedvision.system.model import check_system
 
 # What a resumed run may change; everything else is the saved run's config.
 RESUMABLE_KEYS = ("num_rounds", "progress", "verbose", "device")

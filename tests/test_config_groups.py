@@ -73,7 +73,7 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
         else:
             build_tracker(plain, tmp_path).close()  # the keys of its YAML are its arguments
     elif group == "system":
-        from fedvision.fl.system_round import check_system
+        from fedvision.system.model import check_system
 
         model = check_system(plain)  # none adds nothing; the others draw every client's device
         assert (model is None) == (option == "none")

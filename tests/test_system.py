@@ -1,6 +1,6 @@
 """Simulated system heterogeneity: devices, dropout, deadlines, the clock, and their report.
 
-The pure parts (fedvision.fl.system) are checked against hand-computed numbers; the round loop
+The pure parts (fedvision.system.model) are checked against hand-computed numbers; the round loop
 runs with fedvision's real ClientApp in this process (test_server_loop's InlineGrid, no Ray).
 """
 
@@ -24,22 +24,22 @@ from fedvision.errors import FedvisionError
 from fedvision.fl import clientapp
 from fedvision.fl.arrays import unpack
 from fedvision.fl.server import serve
-from fedvision.fl.system import (
+from fedvision.report.metrics import read_metrics
+from fedvision.report.table import sim_time_to_target
+from fedvision.rundir import write_status
+from fedvision.system.model import (
     MB,
     ClientPlan,
     Profile,
     SystemConfig,
     SystemModel,
+    check_system,
     draw_profiles,
     drops_out,
     local_steps_for,
     read_trace,
     step_budget,
 )
-from fedvision.fl.system_round import check_system
-from fedvision.report.metrics import read_metrics
-from fedvision.report.table import sim_time_to_target
-from fedvision.rundir import write_status
 from tests.grids import InlineGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -72,11 +72,11 @@ from fedvision.fl.privacy import PrivacyRound, server_clipping_norm, update_norm
 from fedvision.fl.round_config import lr_horizon, train_config
 from fedvision.fl.secagg import SecureRounds
 from fedvision.fl.strategy import build_strategy
-from fedvision.fl.system_round import SystemRound
 from fedvision.models import ModelParts
 from fedvision.report.metrics import RunRecorder, read_metrics
 from fedvision.report.tracking import build_tracker
 from fedvision.rundir import read_node_events, read_plan
+from fedvision.system.round import SystemRound
 
 Layout = dict[str, tuple[int, ...]]  # how a packed record is cut back into named arrays
 

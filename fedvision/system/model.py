@@ -8,7 +8,7 @@ only as many local steps as fit (FedProx's inexact local solutions, Li et al. 20
 clock adds up each round's duration from the work the clients report.
 
 Everything here is plain Python and numpy, so it is testable without Flower; the round loop's
-glue is :mod:`fedvision.fl.system_round`. Every draw comes from a generator seeded by the run's
+glue is :mod:`fedvision.system.round`. Every draw comes from a generator seeded by the run's
 seed and a stream number (and the round and partition where it changes per round): reruns and
 resumed runs see the same devices, dropouts and budgets, and no global RNG is touched.
 """
@@ -399,3 +399,11 @@ class SystemModel:
             finish = cfg.deadline_s
         dropped.sort(key=lambda d: d["partition"])
         return RoundOutcome(sorted(accepted), dropped, finish, runs)
+
+
+def check_system(cfg: Mapping[str, Any]) -> SystemModel | None:
+    """Build the run's devices from its config (reads a trace file); refuse impossible values."""
+    scfg = SystemConfig.from_mapping(cfg.get("system"))
+    if scfg is None:
+        return None
+    return SystemModel(scfg, int(cfg["num_clients"]), int(cfg["seed"]))

@@ -1,4 +1,4 @@
-"""The round loop's hook into simulated system heterogeneity (:mod:`fedvision.fl.system`).
+"""The round loop's hook into simulated system heterogeneity (:mod:`fedvision.system.model`).
 
 Two calls per round: :meth:`SystemRound.plan` after the strategy made the train messages (drop
 the clients that drop out, give each the local-step cap it gets), :meth:`SystemRound.settle`
@@ -18,15 +18,7 @@ from fedvision import constants as C
 from fedvision.atomic import write_json_atomic
 from fedvision.errors import FedvisionError
 from fedvision.fl.feature import Feature
-from fedvision.fl.system import ClientPlan, SystemConfig, SystemModel
-
-
-def check_system(cfg: Mapping[str, Any]) -> SystemModel | None:
-    """Build the run's devices from its config (reads a trace file); refuse impossible values."""
-    scfg = SystemConfig.from_mapping(cfg.get("system"))
-    if scfg is None:
-        return None
-    return SystemModel(scfg, int(cfg["num_clients"]), int(cfg["seed"]))
+from fedvision.system.model import ClientPlan, SystemModel, check_system
 
 
 def _bytes(msg: Message) -> int:
