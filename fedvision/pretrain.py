@@ -44,7 +44,7 @@ from fedvision.engine import (
     resolve_device,
     steps_per_epoch,
     train_local,
-    warmup_cosine,
+    warmup_cosine_epoch,
 )
 from fedvision.errors import FedvisionError
 from fedvision.models import build_model, list_architectures
@@ -59,20 +59,18 @@ PRETRAIN_VERSION = 1
 _NOT_IN_KEY = ("progress", "device", "resume", "overwrite", "eval_batch_size")
 
 
+# The recipe's keys named like TrainConfig's fields; its epochs, warmup_epochs and lr_min_factor
+# shape the schedule instead (each train_local call is one epoch).
+_RECIPE_FIELDS = (
+    "batch_size", "lr", "optimizer", "momentum", "weight_decay", "augment", "label_smoothing",
+)  # fmt: skip
+
+
 def recipe_train_config(cfg: DictConfig, epoch: int = 0) -> TrainConfig:
     """The engine's config for one epoch of the recipe (validates the recipe's values)."""
-    r = cfg.recipe
-    return TrainConfig(
-        epochs=1,
-        batch_size=int(r.batch_size),
-        lr=float(r.lr),
-        optimizer=str(r.optimizer),
-        momentum=float(r.momentum),
-        weight_decay=float(r.weight_decay),
-        augment=str(r.augment),
-        normalise=model_normalise(cfg),
-        label_smoothing=float(r.label_smoothing),
-        seed=int(cfg.seed) * 100_003 + epoch,
+    recipe = {k: cfg.recipe[k] for k in _RECIPE_FIELDS}
+    return TrainConfig.from_mapping(
+        recipe, epochs=1, normalise=model_normalise(cfg), seed=int(cfg.seed) * 100_003 + epoch
     )
 
 
@@ -120,11 +118,12 @@ def _splits(cfg: DictConfig) -> tuple[DecodedCache, np.ndarray, np.ndarray, Deco
 
 
 def _lr_at(cfg: DictConfig, epoch: int, steps: int) -> Callable[[int], float]:
-    """Epoch ``epoch``'s slice of the run's warm-up + cosine schedule, by step within the epoch."""
+    """Epoch ``epoch``'s slice of the recipe's warm-up + cosine schedule, by step within it."""
     r = cfg.recipe
-    total, warmup = int(r.epochs) * steps, round(float(r.warmup_epochs) * steps)
-    lr, lr_min = float(r.lr), float(r.lr) * float(r.lr_min_factor)
-    return lambda s: warmup_cosine(epoch * steps + s, total, warmup, lr, lr_min)
+    lr = float(r.lr)
+    return warmup_cosine_epoch(
+        epoch, steps, int(r.epochs), float(r.warmup_epochs), lr, lr * float(r.lr_min_factor)
+    )
 
 
 def _best_payload(cfg: DictConfig, model: torch.nn.Module, classes: list[str], **meta: Any) -> dict:

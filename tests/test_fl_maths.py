@@ -10,9 +10,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedvision import constants as C
+from fedvision.engine.schedule import round_lr
 from fedvision.errors import FedvisionError
 from fedvision.fl.evaluation import federated_evaluate
-from fedvision.fl.round_config import round_lr, to_train_config, train_config
+from fedvision.fl.round_config import to_train_config, train_config
 from fedvision.fl.strategy import build_strategy
 from strategies.sampling import SeededSampling, draw_partitions
 

@@ -310,8 +310,9 @@ def _finetune(
     progress: bool,
 ) -> dict[str, Any]:
     """Fine-tune a pruned model with the engine's loop; the pruning hooks keep the zeros."""
-    tcfg = dataclasses.replace(
-        TrainConfig.from_mapping(cfg.get("client", {})),
+    # The run's client settings (optimizer, batch size, ...) at the fine-tune's epochs and rate.
+    tcfg = TrainConfig.from_mapping(
+        cfg.get("client", {}),
         epochs=spec.finetune_epochs,
         max_steps=None,
         lr=spec.finetune_lr,

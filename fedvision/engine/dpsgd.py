@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedvision.data.transforms import build_train_transform
+from fedvision.engine.schedule import make_optimizer
 from fedvision.engine.train import (
     TrainConfig,
     TrainResult,
     _as_device,
     _load,
-    _make_optimizer,
-    _param_groups,
     _rng_devices,
     steps_per_epoch,
 )
@@ -214,7 +213,7 @@ def train_local_dpsgd(
             raise FedvisionError("the model has no trainable parameters outside BatchNorm")
         gsm = GradSampleModule(model)
         optimizer = DPOptimizer(
-            _make_optimizer(_param_groups(model, params, cfg), cfg),
+            make_optimizer(model, params, cfg),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=cfg.batch_size,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +27,10 @@ from fedvision.data.transforms import (
 )
 from fedvision.engine.device import resolve_device
 from fedvision.engine.objectives import proximal_term
+from fedvision.engine.schedule import OPTIMIZERS, make_optimizer, set_lr
 from fedvision.errors import FedvisionError
-from fedvision.models import find_head, set_train_mode, trainable_parameters
+from fedvision.models import set_train_mode, trainable_parameters
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 BN_MODES: tuple[str, ...] = ("train", "eval")
 
 
@@ -130,8 +130,18 @@ class TrainConfig:
             raise FedvisionError("invalid training config: " + "; ".join(problems))
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any], *, strict: bool = False) -> TrainConfig:
+    def from_mapping(
+        cls,
+        d: Mapping[str, Any],
+        *,
+        strict: bool = False,
+        require: Iterable[str] = (),
+        **fixed: Any,
+    ) -> TrainConfig:
         """Build and validate a config from a mapping (Hydra node, Flower ConfigRecord, dict).
+
+        The one translator from settings to a config: a round's ConfigRecord, the pretraining
+        recipe and compression's fine-tune all come through here.
 
         Parameters
         ----------
@@ -140,6 +150,10 @@ class TrainConfig:
         strict
             Reject keys that are not fields (otherwise they are ignored, since a round's config
             also carries keys meant for others, e.g. ``server-round``).
+        require
+            Fields that ``d`` must give (a missing one raises instead of taking the default).
+        **fixed
+            Fields set by the caller whatever ``d`` says (e.g. a seed derived per client).
         """
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -151,6 +165,16 @@ class TrainConfig:
                         f"unknown training config key {raw_key!r}; known: {', '.join(fields)}"
                     )
                 continue
+            kwargs[key] = _coerce(key, value, cls.__dataclass_fields__[key].default)
+        missing = [k for k in require if k not in kwargs]
+        if missing:
+            raise FedvisionError(
+                f"the training settings lack {', '.join(missing)} (were they written by another "
+                "fedvision version?)"
+            )
+        for key, value in fixed.items():
+            if key not in fields:
+                raise TypeError(f"TrainConfig has no field {key!r}")
             kwargs[key] = _coerce(key, value, cls.__dataclass_fields__[key].default)
         return cls(**kwargs)
 
@@ -248,45 +272,6 @@ def _load(
     return x, y
 
 
-def _param_groups(
-    model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig
-) -> list[dict[str, Any]]:
-    """One group per learning-rate factor: the head at ``lr``, the rest at the backbone's factor.
-
-    Each group keeps its ``lr_factor`` so that a per-step schedule (``lr_at``) scales both.
-    """
-    if cfg.backbone_lr_factor == 1:
-        return [{"params": params, "lr": cfg.lr, "lr_factor": 1.0}]
-    head = {id(p) for p in find_head(model)[1].parameters()}
-    factor = cfg.backbone_lr_factor
-    groups = [
-        {"params": [p for p in params if id(p) in head], "lr": cfg.lr, "lr_factor": 1.0},
-        {"params": [p for p in params if id(p) not in head], "lr": cfg.lr * factor,
-         "lr_factor": factor},
-    ]  # fmt: skip
-    return [g for g in groups if g["params"]]
-
-
-def _make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def warmup_cosine(step: int, total: int, warmup: int, lr: float, lr_min: float) -> float:
-    """Learning rate at ``step`` of ``total``: linear warm-up over ``warmup`` steps, then cosine.
-
-    The warm-up ramps from ``lr / (warmup + 1)`` to ``lr``; the cosine then falls from ``lr`` to
-    ``lr_min`` at the last step (``total - 1``), the usual recipe for training from scratch.
-    """
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    t = min((step - warmup) / max(total - warmup - 1, 1), 1.0)
-    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t))
-
-
 def _rng_devices(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
@@ -331,9 +316,10 @@ def train_local(
     keep_optimizer_state
         Return the optimiser's state in the result (a copy on the CPU).
     lr_at
-        Learning rate of each step of this call (0-based), e.g. a slice of
-        :func:`warmup_cosine` when centralised training calls once per epoch; ``None``: the
-        constant ``cfg.lr`` (federated clients: the server sets each round's rate).
+        Learning rate of each step of this call (0-based), e.g.
+        :func:`~fedvision.engine.schedule.warmup_cosine_epoch` when centralised training calls
+        once per epoch; ``None``: the constant ``cfg.lr`` (federated clients: the server sets
+        each round's rate, :func:`~fedvision.engine.schedule.round_lr`).
     grad_correction
         A constant added to the gradient of each trainable parameter (in
         ``trainable_parameters`` order) before every optimiser step; SCAFFOLD's ``c - c_i``
@@ -366,7 +352,7 @@ def train_local(
     corrections = _corrections(params, grad_correction, device)
     use_prox = cfg.proximal_mu > 0
     global_params = [p.detach().clone() for p in params] if use_prox else []
-    optimizer = _make_optimizer(_param_groups(model, params, cfg), cfg)
+    optimizer = make_optimizer(model, params, cfg)
     if optimizer_state is not None:
         try:
             optimizer.load_state_dict(optimizer_state)
@@ -411,8 +397,7 @@ def train_local(
                     else loss
                 )
                 if lr_at is not None:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(step) * group["lr_factor"]
+                    set_lr(optimizer.param_groups, lr_at(step))
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 if corrections is not None:

@@ -6,16 +6,14 @@ apart between ServerApp and ClientApp. A ConfigRecord holds no ``None``: "unset"
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from fedvision import constants as C
 from fedvision.config import model_normalise
+from fedvision.engine.schedule import round_lr
 from fedvision.engine.train import TrainConfig
 from fedvision.errors import FedvisionError
-
-LR_SCHEDULES = ("constant", "cosine", "step")
 
 
 def lr_horizon(cfg: Mapping[str, Any]) -> int:
@@ -26,28 +24,6 @@ def lr_horizon(cfg: Mapping[str, Any]) -> int:
     """
     horizon = cfg["client"].get("lr_horizon")
     return int(cfg["num_rounds"] if horizon is None else horizon)
-
-
-def round_lr(client: Mapping[str, Any], server_round: int, num_rounds: int) -> float:
-    """Learning rate for a round under the configured schedule over ``num_rounds`` rounds.
-
-    ``cosine`` decays from ``lr`` (round 1) to ``lr * lr_min_factor`` (round ``num_rounds``) and
-    stays there after it; ``step`` multiplies by ``lr_gamma`` every ``lr_step_rounds`` rounds.
-    """
-    lr = float(client["lr"])
-    schedule = client.get("lr_schedule", "constant")
-    if schedule == "constant":
-        return lr
-    if schedule == "cosine":
-        low = lr * float(client.get("lr_min_factor", 0.0))
-        progress = 0.0 if num_rounds <= 1 else min(1.0, (server_round - 1) / (num_rounds - 1))
-        return low + 0.5 * (lr - low) * (1.0 + math.cos(math.pi * progress))
-    if schedule == "step":
-        steps = (server_round - 1) // max(1, int(client.get("lr_step_rounds", 10)))
-        return lr * float(client.get("lr_gamma", 0.5)) ** steps
-    raise FedvisionError(
-        f"client.lr_schedule={schedule!r} is unknown; use one of {', '.join(LR_SCHEDULES)}"
-    )
 
 
 def train_config(
@@ -90,24 +66,25 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
 
 
+# What every train ConfigRecord holds; the rest may be absent and then take TrainConfig's default:
+# FedProx's configure_train adds proximal-mu (FedAvg leaves it out), and runs prepared before
+# normalise, bn-mode and backbone-lr-factor existed sent none (ImageNet mean/std, plain
+# fine-tuning).
+_SENT_EVERY_ROUND = ("batch_size", "lr", "optimizer", "momentum", "weight_decay", "augment")
+
+
 def to_train_config(record: Mapping[str, Any], partition_id: int) -> TrainConfig:
-    """Read a round's train ConfigRecord into the engine's TrainConfig."""
+    """Read a round's train ConfigRecord into the engine's TrainConfig.
+
+    The keys named like TrainConfig's fields (``batch-size``, ``lr``, ``proximal-mu``, ...) are
+    read as they are; the round's work and the client's own seed are derived here.
+    """
     steps = int(record[C.KEY_LOCAL_STEPS])
-    return TrainConfig(
+    return TrainConfig.from_mapping(
+        record,
+        require=_SENT_EVERY_ROUND,
         epochs=int(record[C.KEY_LOCAL_EPOCHS]),
         max_steps=None if steps < 0 else steps,
-        batch_size=int(record[C.KEY_BATCH_SIZE]),
-        lr=float(record[C.KEY_LR]),
-        optimizer=str(record[C.KEY_OPTIMIZER]),
-        momentum=float(record[C.KEY_MOMENTUM]),
-        weight_decay=float(record[C.KEY_WEIGHT_DECAY]),
-        # FedProx's configure_train adds this key; FedAvg leaves it out.
-        proximal_mu=float(record.get(C.KEY_PROXIMAL_MU, 0.0)),
-        augment=str(record[C.KEY_AUGMENT]),
-        # Runs prepared before normalisation was a choice sent none: ImageNet mean/std.
-        normalise=str(record.get(C.KEY_NORMALISE, "imagenet")),
-        bn_mode=str(record.get(C.KEY_BN_MODE, "train")),
-        backbone_lr_factor=float(record.get(C.KEY_BACKBONE_LR_FACTOR, 1.0)),
         seed=client_seed(int(record[C.KEY_SEED]), int(record[C.KEY_SERVER_ROUND]), partition_id),
     )
 
