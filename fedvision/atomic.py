@@ -1,7 +1,9 @@
 """Files that a crash, a full disk or a concurrent reader never sees half-done.
 
 Whole files go through a temporary file in the same folder, ``fsync`` and a rename (and an
-``fsync`` of the folder, so the rename itself survives a power cut). JSON-lines files are
+``fsync`` of the folder, so the rename itself survives a power cut). Every checkpoint (a run's,
+pretraining's, compression's variants, a run's initial weights) is written by one function,
+:func:`save_torch_atomic`. JSON-lines files are
 appended one whole line per ``write`` and read back so that a line cut short by a crash (the
 last one: appends only ever tear there) is dropped with a warning instead of failing the reader.
 """
@@ -19,7 +21,8 @@ from typing import Any
 from fedvision.errors import FedvisionError
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """``fsync`` a folder, so that a rename in it survives a power cut (where the OS allows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # some filesystems (and Windows) cannot open a folder: the rename stands
@@ -45,7 +48,7 @@ def write_with(path: Path, write: Callable[[io.BufferedWriter], object]) -> None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -58,11 +61,16 @@ def write_json_atomic(path: Path, obj: object, *, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
 
 
-def save_torch_atomic(path: Path, obj: object) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (a checkpoint is never left half-written)."""
+def save_torch_atomic(path: Path, obj: object) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (a checkpoint is never left half-written).
+
+    Returns ``path``. The one writer of every checkpoint file: what a reader finds at ``path`` is
+    either the previous file or the whole new one, never a prefix.
+    """
     import torch
 
     write_with(path, lambda f: torch.save(obj, f))
+    return Path(path)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

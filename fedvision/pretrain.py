@@ -139,10 +139,6 @@ def _best_payload(cfg: DictConfig, model: torch.nn.Module, classes: list[str], *
     }
 
 
-def _save(path: Path, obj: dict) -> None:
-    save_torch_atomic(path, obj)
-
-
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     # A service manager's SIGTERM stops pretraining as Ctrl-C does (else: no status at all).
@@ -280,11 +276,11 @@ def _pretrain(cfg: DictConfig, run_dir: Path, resume: bool, start: float) -> dic
                 "val_accuracy": ev.accuracy,
                 "test_accuracy": None if te is None else te.accuracy,
             }
-            _save(
+            save_torch_atomic(
                 run_dir / C.CKPT_BEST,
                 _best_payload(cfg, model, classes, epoch=epoch, val_accuracy=ev.accuracy),
             )
-        _save(
+        save_torch_atomic(
             run_dir / C.CKPT_LATEST,
             {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -11,10 +14,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hydra.utils import instantiate
 
 from fedvision import constants as C
+from fedvision.atomic import save_torch_atomic
 from fedvision.config import CONF_DIR, compose_config
 from fedvision.errors import FedvisionError
 from fedvision.fl.checkpoint import (
     Checkpoint,
+    link_or_copy,
     load_checkpoint,
     restore_rng_state,
     restore_strategy_state,
@@ -136,3 +141,60 @@ def test_wrong_checkpoints_are_refused_with_one_line(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(FedvisionError, match="cannot read checkpoint"):
         load_checkpoint(path, arch="resnet18", num_classes=4)
+
+
+# --- the best checkpoint's copy is atomic (the one writer, fedvision.atomic) ---------------------
+
+
+def _no_hard_links(monkeypatch):
+    def refuse(src, dst):
+        raise OSError(errno.EXDEV, "no hard links here")
+
+    monkeypatch.setattr(os, "link", refuse)
+
+
+def test_a_best_copy_cut_short_leaves_the_previous_best(tmp_path, monkeypatch):
+    best, latest = tmp_path / C.CKPT_BEST, tmp_path / C.CKPT_LATEST
+    save_torch_atomic(best, {"round": 1})
+    save_torch_atomic(latest, {"round": 2, "w": torch.arange(1000)})
+    _no_hard_links(monkeypatch)
+
+    def half_then_full_disk(src, dst, *args, **kwargs):
+        # Either way of copying (file objects or paths) writes 100 bytes, then the disk is full.
+        if isinstance(src, str | os.PathLike):
+            with open(src, "rb") as fsrc, open(dst, "wb") as fdst:
+                return half_then_full_disk(fsrc, fdst)
+        dst.write(src.read(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", half_then_full_disk)
+    monkeypatch.setattr(shutil, "copyfile", half_then_full_disk)
+    with pytest.raises(OSError, match="No space"):
+        link_or_copy(latest, best)
+    assert torch.load(best, weights_only=True) == {"round": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [C.CKPT_BEST, C.CKPT_LATEST]
+
+
+def test_a_best_copy_is_on_disk_before_it_replaces_the_previous_best(tmp_path, monkeypatch):
+    best, latest = tmp_path / C.CKPT_BEST, tmp_path / C.CKPT_LATEST
+    save_torch_atomic(best, {"round": 1})
+    save_torch_atomic(latest, {"round": 2})
+    _no_hard_links(monkeypatch)
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or replace(a, b))
+    link_or_copy(latest, best)
+    assert torch.load(best, weights_only=True) == {"round": 2}
+    # The copy's bytes are flushed before the rename makes them the best checkpoint, then the
+    # folder (so the rename itself survives a power cut).
+    assert events == ["fsync", "replace", "fsync"]
+
+
+def test_a_hard_linked_best_keeps_its_round_when_the_latest_moves_on(tmp_path):
+    best, latest = tmp_path / C.CKPT_BEST, tmp_path / C.CKPT_LATEST
+    save_torch_atomic(latest, {"round": 2})
+    link_or_copy(latest, best)
+    save_torch_atomic(latest, {"round": 3})  # the next round's latest is a new file
+    assert torch.load(best, weights_only=True) == {"round": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [C.CKPT_BEST, C.CKPT_LATEST]

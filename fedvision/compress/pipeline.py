@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -151,11 +152,6 @@ def _batches(
         yield transform(torch.from_numpy(np.asarray(images[np.sort(idx[i : i + size])])))
 
 
-def _save(path: Path, payload: dict[str, Any]) -> Path:
-    save_torch_atomic(path, payload)
-    return path
-
-
 @dataclass
 class _Variant:
     name: str
@@ -215,7 +211,9 @@ def compress_run(
         _Variant(
             "float",
             base,
-            _save(out / C.COMPRESS_FLOAT, {"model": base.state_dict(), "variant": "float", **meta}),
+            save_torch_atomic(
+                out / C.COMPRESS_FLOAT, {"model": base.state_dict(), "variant": "float", **meta}
+            ),
         )
     ]
 
@@ -228,7 +226,7 @@ def compress_run(
             name += f", fine-tuned {spec.finetune_epochs} ep"
         make_permanent(model)
         payload = {"model": model.state_dict(), "variant": name, **meta}
-        return _Variant(name, model.cpu().eval(), _save(file, payload), ft)
+        return _Variant(name, model.cpu().eval(), save_torch_atomic(file, payload), ft)
 
     for s in spec.prune:
         _say(f"global unstructured magnitude pruning to {s:g}", progress)
@@ -256,7 +254,9 @@ def compress_run(
         payload = {"int8_model": q.state_dict(), "backend": BACKEND, "image_size": test.size}
         variants.append(
             _Variant(
-                "int8", q, _save(out / C.COMPRESS_INT8, {**payload, "variant": "int8", **meta})
+                "int8",
+                q,
+                save_torch_atomic(out / C.COMPRESS_INT8, {**payload, "variant": "int8", **meta}),
             )
         )
 
@@ -386,11 +386,10 @@ def write_tables(report: dict[str, Any], out: Path) -> str:
     write_text_atomic(out / C.COMPRESS_MD, text)
     rows: Sequence[dict[str, Any]] = report["variants"]
     fields = [k for k in rows[0] if k != "finetune"]
-    tmp = out / (C.COMPRESS_CSV + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out / C.COMPRESS_CSV)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / C.COMPRESS_CSV, table.getvalue())
     write_json_atomic(out / C.COMPRESS_JSON, report)
     return text

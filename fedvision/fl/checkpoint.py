@@ -29,7 +29,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedvision.atomic import save_torch_atomic
+from fedvision.atomic import fsync_dir, save_torch_atomic, write_with
 from fedvision.errors import FedvisionError
 
 FORMAT = 2
@@ -221,12 +221,24 @@ def load_checkpoint(path: Path, *, arch: str, num_classes: int) -> Checkpoint:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Put ``src`` at ``dst`` atomically: a hard link where the file system allows, else a copy."""
-    # The best checkpoint is the latest one of its round: a hard link costs no second write.
+    """Put ``src`` at ``dst`` atomically: a hard link where the file system allows, else a copy.
+
+    The copy is written as every checkpoint is (:func:`~fedvision.atomic.write_with`: temporary
+    file, fsync, rename), so a copy cut short leaves the previous ``dst`` and no stray file.
+    """
+    # The best checkpoint is the latest one of its round: a hard link costs no second write, and
+    # its bytes are already on disk (the latest was written atomically).
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        with open(src, "rb") as f:
+            write_with(dst, lambda out: shutil.copyfileobj(f, out))
+        return
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
