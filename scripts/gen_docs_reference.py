@@ -4,7 +4,8 @@
 ``config.md`` lists every key of ``conf/``: the top-level configs and each option of each config
 group, with its type, its default and its meaning. Meanings are the YAML comments (the comment
 on the key's line, the aligned comment lines under it, and the comment lines just above it);
-types come from ``fedvision/schema.py`` where it types the key, else from the value.
+types come from ``fedvision/schema.py`` where it types the key, else from the value. Every key
+needs a meaning: both modes exit 1 and name the keys of ``conf/`` that have no comment.
 
 Usage::
 
@@ -396,7 +397,8 @@ def config_markdown(conf_dir: Path = CONF_DIR) -> str:
         "A group's keys sit under the group's name (`client.lr`), except in files marked",
         "`# @package _global_` (the experiments), whose keys are absolute.",
         "The type comes from `fedvision/schema.py` where it types the key, else from the value;",
-        "the meaning is the key's comment in the YAML file, and `-` marks a key without one.",
+        "the meaning is the key's comment in the YAML file (every key has one: the generator's",
+        "check fails on a key without it).",
         "Override any key on the command line: `fedvision run key=value group=option`.",
         "",
     ]
@@ -430,16 +432,35 @@ def config_markdown(conf_dir: Path = CONF_DIR) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def missing_meanings(conf_dir: Path = CONF_DIR) -> list[str]:
+    """Every row of the config page that would have no meaning, as ``conf/<file>: <key>``.
+
+    A row is a key with a value (or a commented mapping) and, where a file's defaults list is a
+    table (some entry has a comment), each entry of that list.
+    """
+    out: list[str] = []
+    for path in sorted(conf_dir.rglob("*.yaml")):
+        doc = read_yaml(path.read_text())
+        rel = path.relative_to(conf_dir.parent).as_posix()
+        out += [f"{rel}: {'.'.join(e.path)}" for e in doc.entries if e.raw and not e.comment]
+        if any(comment for _, comment in doc.defaults):
+            out += [f"{rel}: defaults: {value}" for value, comment in doc.defaults if not comment]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 
 
 def pages() -> dict[Path, str]:
     """Each generated page, relative to the project root, and its text."""
-    return {CLI_PAGE: cli_markdown(), CONFIG_PAGE: config_markdown()}
+    return {CLI_PAGE: cli_markdown(), CONFIG_PAGE: config_markdown(CONF_DIR)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write the pages, or with --check report the stale ones and exit 1."""
+    """Write the pages, or with --check report the stale ones; exit 1 on either problem.
+
+    A config key without a comment (a meaning of ``-`` on the page) is a problem in both modes.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if a committed page differs (write nothing)"
@@ -456,8 +477,14 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(text)
     if stale:
         print(f"stale generated docs: {', '.join(stale)}; run `{REGENERATE}`", file=sys.stderr)
-        return 1
-    return 0
+    missing = missing_meanings(CONF_DIR)
+    if missing:
+        print(
+            f"config keys without a meaning: {'; '.join(missing)}; add a YAML comment that says "
+            "what each does (its unit, its allowed values)",
+            file=sys.stderr,
+        )
+    return 1 if stale or missing else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +44,32 @@ def test_check_mode_reports_a_stale_page(gen: ModuleType, monkeypatch, tmp_path,
     assert gen.main(["--check"]) == 1
     err = capsys.readouterr().err
     assert str(gen.CONFIG_PAGE) in err and str(gen.CLI_PAGE) not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_every_config_key_has_a_meaning(gen: ModuleType) -> None:
+    assert gen.missing_meanings() == [], "add a YAML comment to each of these keys in conf/"
+
+
+def test_check_mode_names_a_key_without_a_comment(
+    gen: ModuleType, monkeypatch, tmp_path, capsys
+) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(gen.CONF_DIR, conf)
+    with (conf / "client" / "default.yaml").open("a") as fh:
+        fh.write("zz_new_key: 3\n")
+    with (conf / "config.yaml").open("a") as fh:
+        fh.write("zz_commented: 1  # what it does\n")
+    monkeypatch.setattr(gen, "ROOT", tmp_path)
+    monkeypatch.setattr(gen, "CONF_DIR", conf)
+    for rel, text in gen.pages().items():  # current pages: only the missing comment is wrong
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert "| `client.zz_new_key` | int | `3` | - |" in (tmp_path / gen.CONFIG_PAGE).read_text()
+    assert gen.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "conf/client/default.yaml: zz_new_key" in err
+    assert "zz_commented" not in err and "stale" not in err
     assert len(err.strip().splitlines()) == 1
 
 
