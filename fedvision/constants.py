@@ -107,7 +107,7 @@ RUN_SYSTEM = "system.json"  # each client's simulated device: speed (samples/s),
 REPORT_SIM_PLOT = "report_sim_time.png"  # fedvision report: test accuracy over simulated time
 REPORT_PRIVACY_PLOT = "report_privacy.png"  # fedvision report: test accuracy against epsilon
 KEY_TRAIN_SAMPLES = "train_samples"  # train reply metric: samples processed (the clock's work)
-# --- differential privacy (appended; see fedvision/fl/privacy.py) -------------------------------
+# --- differential privacy (appended; see fedvision/privacy/) -------------------------------------
 KEY_DP_MODE = "dp-mode"  # round config: client-level DP: none | server-/client- fixed/adaptive
 KEY_DPSGD_NOISE = "dpsgd-noise-multiplier"  # round config: DP-SGD on (sample-level) when present
 KEY_DPSGD_CLIP = "dpsgd-max-grad-norm"

@@ -44,7 +44,6 @@ from fedvision.errors import FedvisionError
 from fedvision.fl.checkpoint import load_checkpoint
 from fedvision.fl.cohort import COHORT_CLIENT_APP, check_cohort, cohort_workers
 from fedvision.fl.parts import check_local_bn
-from fedvision.fl.privacy import check_privacy
 from fedvision.fl.round_config import check_every_round, lr_horizon
 from fedvision.fl.secagg import check_secagg, flower_apps
 from fedvision.fl.strategy import check_strategy
@@ -63,6 +62,7 @@ from fedvision.prepare import (
     resolve_weights,
     write_partition,
 )
+from fedvision.privacy.plan import check_privacy
 from fedvision.report.metrics import read_metrics
 from fedvision.report.tracking import check_tracking
 from fedvision.rundir import (

@@ -6,9 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedvision.config import CONF_DIR, compose_config
-from fedvision.fl.privacy import check_privacy
 from fedvision.fl.strategy import build_strategy, check_strategy
 from fedvision.prepare import partition_spec
+from fedvision.privacy.plan import check_privacy
 from fedvision.runner import build_runtime
 from strategies.sampling import base_strategy
 

@@ -18,10 +18,11 @@ from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import layout_of, pack, unpack
 from fedvision.fl.checkpoint import load_checkpoint
 from fedvision.fl.parts import mean_stats, run_parts, subset, take_stats
-from fedvision.fl.privacy import check_privacy, update_norm_record
 from fedvision.fl.server import serve
 from fedvision.models import split_parts
 from fedvision.privacy import effective_noise_multiplier
+from fedvision.privacy.plan import check_privacy
+from fedvision.privacy.server import update_norm_record
 from fedvision.report.metrics import read_metrics
 from fedvision.rundir import append_resume, load_run_config
 from tests.grids import InlineGrid, PushPull

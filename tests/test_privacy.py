@@ -5,6 +5,7 @@ Every number is checked against a hand computation or against Opacus' accountant
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -23,12 +24,14 @@ from torch import nn
 from fedvision import constants as C
 from fedvision.config import compose_config
 from fedvision.engine import TrainConfig
-from fedvision.engine.dpsgd import DPSGDConfig, check_dpsgd_model, train_local_dpsgd
 from fedvision.errors import FedvisionError
 from fedvision.fl import clientapp
-from fedvision.fl.privacy import clipping_mod, update_norm_record, wrap_strategy
 from fedvision.fl.server import serve
-from fedvision.privacy import ClientLevelAccountant
+from fedvision.privacy import ClientLevelAccountant, rdp_epsilon
+from fedvision.privacy.client import clipping_mod
+from fedvision.privacy.dpsgd import DPSGDConfig, check_dpsgd_model, train_local_dpsgd
+from fedvision.privacy.plan import PrivacyPlan
+from fedvision.privacy.server import update_norm_record, wrap_strategy
 from fedvision.report.metrics import read_metrics
 from fedvision.report.table import write_report
 from fedvision.runner import check_config
@@ -194,6 +197,42 @@ def test_the_budget_stops_before_the_round_that_would_pass_it():
     reason = acc.next_round_exceeds(3)
     assert reason is not None and f"epsilon={e3:.4g} >" in reason
     assert acc.epsilon == pytest.approx(e2) and acc.epsilon <= acc.max_epsilon
+
+
+def test_one_rdp_function_gives_the_epsilon_of_both_levels():
+    # Client-level rounds and DP-SGD steps are the same mechanism: one function, Opacus' figure.
+    acc = ClientLevelAccountant(1.1, 0.3, 1e-5)
+    assert acc.epsilon_after(4) == rdp_epsilon([1.1] * 4, 0.3, 1e-5)
+    assert rdp_epsilon([1.2] * 7, 0.25, 1e-5) == pytest.approx(
+        _opacus_epsilon(1.2, 0.25, 7, 1e-5), rel=1e-12
+    )
+    assert rdp_epsilon([], 0.5, 1e-5) == 0.0  # nothing released
+    assert rdp_epsilon([1.0, 0.0], 0.5, 1e-5) == math.inf  # one release without noise
+
+
+@pytest.mark.parametrize(
+    ("option", "mode", "server_norm", "dpsgd"),
+    [
+        ("none", "none", None, False),
+        ("server_fixed", "server-fixed", 1.0, False),
+        ("client_fixed", "client-fixed", None, False),
+        ("server_adaptive", "server-adaptive", None, False),
+        ("client_adaptive", "client-adaptive", None, False),
+        ("dpsgd", "none", None, True),
+    ],
+)
+def test_the_plan_reads_each_privacy_option_once(option, mode, server_norm, dpsgd):
+    plan = PrivacyPlan.from_config(_cfg(f"privacy={option}", "num_clients=4"))
+    assert plan.mode == mode and plan.client_level == (mode != "none")
+    assert plan.server_clipping_norm == server_norm
+    assert (plan.dpsgd is not None) == dpsgd and plan.any == (mode != "none" or dpsgd)
+    assert plan.num_clients == 4 and plan.num_sampled_clients == 4 and plan.delta == 1e-5
+    assert (plan.accountant() is not None) == plan.client_level
+    config = plan.round_config()
+    assert config[C.KEY_DP_MODE] == mode
+    assert (C.KEY_DPSGD_NOISE in config) == dpsgd
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.mode = "none"
 
 
 # --- refusals ------------------------------------------------------------------------------------

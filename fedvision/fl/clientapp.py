@@ -35,12 +35,12 @@ from fedvision import constants as C
 from fedvision.data.cache import DecodedCache
 from fedvision.data.partition import Partition, load_partition
 from fedvision.engine import evaluate, resolve_device, train_local
-from fedvision.engine.dpsgd import train_local_dpsgd
 from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import float32_arrays, pack, unpack
-from fedvision.fl.privacy import clipping_mod, dpsgd_config, equal_weights
 from fedvision.fl.round_config import to_train_config
 from fedvision.models import ModelParts, build_model, fingerprint, split_parts
+from fedvision.privacy.client import clipping_mod, dpsgd_config, equal_weights
+from fedvision.privacy.dpsgd import train_local_dpsgd
 from fedvision.rundir import RunPlan, read_plan, run_dir_from
 from strategies.scaffold import (
     grad_correction,
@@ -253,7 +253,7 @@ def load_global(
 
 
 # Flower's client-side clipping mods run on training only and only when the round config asks
-# (fedvision.fl.privacy.clipping_mod): attached to the whole app, they break evaluate replies.
+# (fedvision.privacy.client.clipping_mod): attached to the whole app, they break evaluate replies.
 @app.train(mods=[clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this client's partition; reply with weights and metrics."""

@@ -37,8 +37,8 @@ from fedvision.fl.arrays import float32_arrays, pack, unpack
 from fedvision.fl.directory import exchange, say_failures
 from fedvision.fl.feature import Trained
 from fedvision.fl.parts import local_bn, mean_stats, merge, packed_stats, subset, take_stats
-from fedvision.fl.privacy import client_level_mode
 from fedvision.models import ModelParts
+from fedvision.privacy.plan import client_level_mode
 from fedvision.rundir import RunPlan
 
 COHORT_CLIENT_APP = "fedvision.fl.cohort_clientapp:app"

@@ -68,11 +68,12 @@ from fedvision.fl.parts import (
     take_stats,
     with_stats,
 )
-from fedvision.fl.privacy import PrivacyRound, server_clipping_norm, update_norm_record
 from fedvision.fl.round_config import lr_horizon, train_config
 from fedvision.fl.secagg import SecureRounds
 from fedvision.fl.strategy import build_strategy
 from fedvision.models import ModelParts
+from fedvision.privacy.plan import server_clipping_norm
+from fedvision.privacy.server import PrivacyRound, update_norm_record
 from fedvision.report.metrics import RunRecorder, read_metrics
 from fedvision.report.tracking import build_tracker
 from fedvision.rundir import read_node_events, read_plan

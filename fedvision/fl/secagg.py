@@ -40,7 +40,7 @@ from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import layout_of, unpack
 from fedvision.fl.feature import Feature, Trained
 from fedvision.fl.parts import local_bn, merge, run_parts, subset, travelling
-from fedvision.fl.privacy import client_level_mode, num_sampled_clients
+from fedvision.privacy.plan import client_level_mode, num_sampled_clients
 from fedvision.rundir import RunPlan
 from strategies.update_fedavg import FedAvgOfUpdates
 

@@ -10,7 +10,7 @@ from flwr.serverapp.strategy import Strategy
 from hydra.utils import instantiate
 
 from fedvision.errors import FedvisionError
-from fedvision.fl.privacy import wrap_strategy
+from fedvision.privacy.server import wrap_strategy
 from strategies.sampling import SeededSampling, base_strategy, sample_size
 
 

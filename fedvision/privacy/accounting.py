@@ -1,4 +1,4 @@
-"""Epsilon of client-level DP over rounds, with Opacus' RDP accountant (Mironov 2017).
+"""Epsilon with Opacus' RDP accountant (Mironov 2017): one function, and client-level DP's account.
 
 Each round that releases a noisy aggregate is one sampled Gaussian mechanism with noise multiplier
 ``z`` (noise std ``z * C / m`` on the mean of ``m`` updates clipped to ``C``: sensitivity ``C / m``)
@@ -8,12 +8,16 @@ Opacus' analysis assumes Poisson sampling (each client joins a round with probab
 fedvision samples exactly ``m`` clients without replacement (seeded). The reported epsilon is the
 Poisson-sampling figure for the same ``q``; with ``q = 1`` (every client every round) there is no
 amplification and the two coincide.
+
+Sample-level DP-SGD (:mod:`fedvision.privacy.dpsgd`) is the same mechanism one level down (each
+step a Poisson batch of a client's samples, its gradient sum clipped and noised), so both levels
+compute epsilon with the one function :func:`rdp_epsilon`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from fedvision.errors import FedvisionError
 
@@ -21,6 +25,38 @@ SAMPLING_ASSUMPTION = (
     "RDP of the Poisson-subsampled Gaussian mechanism with q = clients per round / num_clients "
     "(fedvision samples a fixed number without replacement; exact when q = 1)"
 )
+
+
+def rdp_epsilon(multipliers: Iterable[float], sample_rate: float, delta: float) -> float:
+    """Epsilon at ``delta`` of Poisson-subsampled Gaussian releases, by Opacus' RDP accountant.
+
+    Parameters
+    ----------
+    multipliers
+        The noise multiplier of each release in order (a client-level round, a DP-SGD step).
+    sample_rate
+        The probability ``q`` that a client (round) or a sample (step) joins a release.
+    delta
+        The delta epsilon is reported at.
+
+    Returns
+    -------
+    float
+        ``0`` for no release, ``inf`` if one release had no noise.
+    """
+    zs = [float(z) for z in multipliers]
+    if not zs:
+        return 0.0
+    if min(zs) <= 0:
+        return math.inf
+    # Imported here: Opacus loads torch.distributed and scipy (seconds), and a run without DP
+    # never needs it.
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for z in zs:  # Opacus merges identical steps into one history entry
+        accountant.step(noise_multiplier=z, sample_rate=sample_rate)
+    return float(accountant.get_epsilon(delta))
 
 
 def effective_noise_multiplier(
@@ -88,20 +124,9 @@ class ClientLevelAccountant:
         """Rounds released so far."""
         return len(self.history)
 
-    def epsilon_of(self, multipliers: Sequence[float]) -> float:
+    def epsilon_of(self, multipliers: Iterable[float]) -> float:
         """Epsilon at ``delta`` of releases at these noise multipliers (``inf`` if one is 0)."""
-        if not multipliers:
-            return 0.0
-        if min(multipliers) <= 0:
-            return math.inf
-        # Imported here: Opacus loads torch.distributed and scipy (seconds), and a run without
-        # client-level DP never needs it.
-        from opacus.accountants import RDPAccountant
-
-        accountant = RDPAccountant()
-        for z in multipliers:  # Opacus merges identical steps into one history entry
-            accountant.step(noise_multiplier=z, sample_rate=self.sample_rate)
-        return float(accountant.get_epsilon(self.delta))
+        return rdp_epsilon(multipliers, self.sample_rate, self.delta)
 
     def epsilon_after(self, releases: int) -> float:
         """Epsilon after ``releases`` rounds at the configured multiplier (``inf``: no noise)."""

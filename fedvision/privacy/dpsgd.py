@@ -2,7 +2,11 @@
 
 Each step clips every sample's gradient to ``max_grad_norm`` and adds Gaussian noise of std
 ``noise_multiplier * max_grad_norm`` to their sum (Opacus' ``GradSampleModule`` + ``DPOptimizer``);
-Opacus' RDP accountant turns the steps into epsilon at ``delta`` for this client's own data.
+:func:`fedvision.privacy.accounting.rdp_epsilon` (Opacus' RDP accountant, the one client-level DP
+uses) turns the steps into epsilon at ``delta`` for this client's own data.
+
+This is the engine side of privacy: it trains in one process and never imports flwr, so the
+ClientApp calls it as it calls :func:`fedvision.engine.train_local`.
 
 Batches are Poisson-sampled (each sample joins a step with probability ``batch_size / n``): that is
 the sampling the RDP analysis assumes, so the reported epsilon holds for the batches drawn here.
@@ -39,6 +43,7 @@ from fedvision.engine.train import (
 )
 from fedvision.errors import FedvisionError
 from fedvision.models import set_train_mode, trainable_parameters
+from fedvision.privacy.accounting import rdp_epsilon
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 # Opacus is imported inside the functions that use it: importing it loads torch.distributed and
@@ -88,16 +93,6 @@ class DPSGDResult(TrainResult):
     epsilon: float = math.inf
     total_steps: int = 0
     sample_rate: float = 0.0
-
-
-def dpsgd_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon at ``delta`` of ``steps`` Poisson-sampled Gaussian steps (Opacus' RDP accountant)."""
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    for _ in range(int(steps)):  # Opacus merges identical steps into one history entry
-        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-    return float(accountant.get_epsilon(delta))
 
 
 def freeze_batchnorm(model: nn.Module) -> list[nn.Parameter]:
@@ -255,7 +250,7 @@ def train_local_dpsgd(
         steps=total,
         samples_seen=seen,
         seconds=seconds,
-        epsilon=dpsgd_epsilon(dp.noise_multiplier, sample_rate, steps, dp.delta),
+        epsilon=rdp_epsilon([dp.noise_multiplier] * int(steps), sample_rate, dp.delta),
         total_steps=steps,
         sample_rate=sample_rate,
     )
