@@ -41,6 +41,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,13 @@ def overrides(args: argparse.Namespace, workers: int) -> list[str]:
         "model=simple_cnn",
         f"num_clients={args.clients}",
         f"num_rounds={args.rounds}",
-        "partition=iid",
+        *(
+            ["partition=iid"]
+            if args.alpha is None
+            # Dirichlet over 10,000 clients leaves some of them without an image: allowed, and
+            # such a client trains nothing (weight 0) when sampled.
+            else ["partition=dirichlet", f"partition.alpha={args.alpha}", "partition.min_size=0"]
+        ),
         "partition.val_fraction=0.0",
         f"strategy.fraction_train={args.per_round / args.clients}",
         f"strategy.min_train_nodes={args.per_round}",
@@ -94,14 +101,53 @@ def overrides(args: argparse.Namespace, workers: int) -> list[str]:
     ]
 
 
+class MemoryWatcher:
+    """Peak host memory of this process's descendants (the command, Ray and its workers).
+
+    Counted: every process's private anonymous memory (``RssAnon``), plus the largest shared
+    memory mapping (``RssShmem``: Ray's object store, mapped by many processes, counted once).
+    Not counted: file-backed pages, the decoded image cache among them (a memmap the kernel
+    pages in and can drop), and the libraries.
+    """
+
+    def __init__(self, bench: Any) -> None:
+        self.bench, self.peak_mb = bench, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> MemoryWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            anon, shmem = 0, 0
+            for pid in self.bench._descendants(os.getpid()):
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+                except OSError:
+                    continue
+                kb = {ln.split(":")[0]: ln.split()[1] for ln in status if ln.startswith("Rss")}
+                anon += int(kb.get("RssAnon", 0))
+                shmem = max(shmem, int(kb.get("RssShmem", 0)))
+            self.peak_mb = max(self.peak_mb, (anon + shmem) / 1024)
+            self._stop.wait(0.5)
+
+
 def measure(bench: Any, args: argparse.Namespace, run_dir: Path, workers: int) -> dict[str, Any]:
     """One federation run; its steady-state images/s, start-up and what its workers did."""
     t0 = time.monotonic()
-    _, watcher = bench.run_federation(overrides(args, workers), run_dir, args.timeout)
+    with MemoryWatcher(bench) as memory:
+        _, watcher = bench.run_federation(overrides(args, workers), run_dir, args.timeout)
     wall = time.monotonic() - t0
     records = [r for r in read_metrics(run_dir) if r["round"] >= 1]
     steady = records[1:-1]
-    if any(r["num_failures"] for r in steady):
+    failed = sum(r["num_failures"] for r in steady)
+    if failed and args.alpha is None:
         raise SystemExit(f"bench_cross_device: clients failed in {run_dir}; see its metrics")
     sizes = [len(t) for t in load_partition(run_dir / C.PARTITION_FILE).train]
     samples = sum(sizes[p] for r in steady for p in r["clients"])
@@ -121,6 +167,11 @@ def measure(bench: Any, args: argparse.Namespace, run_dir: Path, workers: int) -
         "busy_threads": watcher.busy_threads_per_actor(),
         "actors": len(watcher.actor_ticks),
         "test_accuracy": last.get("test_accuracy"),
+        "failed_clients": failed,  # with --alpha: clients holding no image
+        "peak_memory_mb": round(memory.peak_mb),
+        "population_start_s": round(timings["data_ready"] - timings["start"], 2)
+        if "start" in timings and "data_ready" in timings
+        else None,
         "clients": [r["clients"] for r in steady],
     }
 
@@ -135,6 +186,7 @@ def main() -> None:
     ap.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per worker")
     ap.add_argument("--eval-every", type=int, default=0, help="0: only after the last round")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--alpha", type=float, default=None, help="Dirichlet alpha (default: IID)")
     ap.add_argument("--data-root", type=Path, default=CIFAR10)
     ap.add_argument("--skip-per-client", action="store_true")
     ap.add_argument("--skip-limit", action="store_true")
@@ -181,7 +233,7 @@ def main() -> None:
         f"cross-device benchmark ({args.clients} clients, {args.per_round} a round, {layout}), "
         f"steady rounds 2..{args.rounds - 1}"
     )
-    print(f"{'side':<12} {'img/s':>8} {'s/round':>8} {'beyond data s':>14}")
+    print(f"{'side':<12} {'img/s':>8} {'s/round':>8} {'beyond data s':>14} {'peak MB':>8}")
     for side in ("cohort", "per_client"):
         if side in result:
             r = result[side]

@@ -378,7 +378,13 @@ def train_local(
         torch.random.fork_rng(devices=_rng_devices(device)),
         tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar,
     ):
-        torch.manual_seed(cfg.seed)
+        if device.type == "cuda":
+            torch.manual_seed(cfg.seed)
+        else:
+            # The same CPU stream as torch.manual_seed, without the lazy seed it queues for
+            # every accelerator backend, a stack trace each: 2 ms a call, a fifth of a
+            # cross-device client's whole time (scripts/bench_cross_device.py).
+            torch.default_generator.manual_seed(cfg.seed)
         while step < total:
             order = indices[torch.randperm(n, generator=gen).numpy()]
             for idx in _split(order, cfg.batch_size):

@@ -11,13 +11,12 @@ out of the mean; the others still count.
 
 from __future__ import annotations
 
-import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvision import constants as C
 from fedvision.engine import train_local
-from fedvision.fl.arrays import float32_arrays, pack
 from fedvision.fl.clientapp import client_indices, load_global, node_settings
 from fedvision.fl.round_config import to_train_config
 
@@ -38,15 +37,28 @@ def _reason(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _flat(state: dict[str, torch.Tensor], keys: tuple[str, ...]) -> torch.Tensor:
+    """``keys`` of ``state`` as one float64 vector, in the order ``fedvision.fl.arrays.pack``
+    packs them (float32 values, as a per-client reply carries)."""
+    return torch.cat([state[k].detach().reshape(-1).to(torch.float32) for k in keys]).double()
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this round's cohort; reply with its example-weighted mean and per-client results."""
     worker = node_settings(context)
     record = msg.content[C.KEY_CONFIG]
-    arrays = msg.content[C.KEY_ARRAYS]
-    stats = msg.content.array_records.get(C.KEY_BN_STATS)
-    start = arrays[C.KEY_FLAT].numpy().astype(np.float64)
-    sums: dict[str, np.ndarray] = {}  # example-weighted sums, in float64, of what travels back
+    # The round's model, built once: each client starts from these tensors, on the model this
+    # process keeps resident (no per-client unpacking of the received record).
+    model, parts, _ = load_global(
+        record, msg.content[C.KEY_ARRAYS], worker, context,
+        stats=msg.content.array_records.get(C.KEY_BN_STATS),
+    )  # fmt: skip
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sent = {C.KEY_ARRAYS: parts.shared, C.KEY_BN_STATS: parts.stats}
+    start_flat = _flat(start, parts.shared)
+    sums = {key: torch.zeros_like(_flat(start, keys)) for key, keys in sent.items() if keys}
+    device = next(model.parameters()).device
     done, counts, losses, norms, failed, reasons = [], [], [], [], [], []
     loss_sum = acc_sum = seconds = 0.0
     for pid in [int(p) for p in record[C.KEY_COHORT]]:
@@ -54,8 +66,7 @@ def train(msg: Message, context: Context) -> Message:
         node.pop(C.NODE_PARTITION_INDEX, None)  # the partition file's own index: pid
         try:
             cache, train_idx, _ = client_indices(node)
-            model, parts, _ = load_global(record, arrays, node, context, stats=stats)
-            device = next(model.parameters()).device
+            model.load_state_dict(start)
             result = train_local(
                 model, cache.images, cache.labels, train_idx, to_train_config(record, pid), device
             )
@@ -64,29 +75,24 @@ def train(msg: Message, context: Context) -> Message:
             reasons.append(_reason(exc))
             continue
         state = model.state_dict()
-        sent = {C.KEY_ARRAYS: {k: state[k] for k in parts.shared}}
-        if parts.stats:
-            sent[C.KEY_BN_STATS] = {k: state[k] for k in parts.stats}
         n = int(result.num_examples)
-        for key, part in sent.items():
-            flat = pack(float32_arrays(part))[C.KEY_FLAT].numpy().astype(np.float64)
+        for key in sums:
+            flat = _flat(state, sent[key])
             if key == C.KEY_ARRAYS:
-                norms.append(float(np.linalg.norm(flat - start)))
-            sums[key] = sums.get(key, 0.0) + n * flat
+                norms.append(float(torch.linalg.vector_norm(flat - start_flat)))
+            sums[key] += n * flat
         done.append(pid)
         counts.append(n)
         losses.append(float(result.loss))
         loss_sum += n * float(result.loss)
         acc_sum += n * float(result.accuracy)
         seconds += float(result.seconds)
+    model.load_state_dict(start)  # the next message's clients must not see this one's last
     total = sum(counts)
     content = RecordDict()
-    for key in (C.KEY_ARRAYS, C.KEY_BN_STATS):
-        if key in sums and total > 0:
-            mean = (sums[key] / total).astype(np.float32)
-            content[key] = ArrayRecord({C.KEY_FLAT: Array(mean)})
-    if C.KEY_ARRAYS not in content:  # nobody trained: the reply says so and carries the start
-        content[C.KEY_ARRAYS] = arrays
+    for key, value in sums.items():
+        mean = (value / max(total, 1)).to(torch.float32).cpu().numpy()
+        content[key] = ArrayRecord({C.KEY_FLAT: Array(mean)})
     content[C.KEY_METRICS] = MetricRecord(
         {
             C.KEY_NUM_EXAMPLES: total,

@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
 from fedvision import constants as C
+from fedvision.atomic import fsync_dir
 from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import float32_arrays, layout_of, pack, unpack
 from fedvision.fl.checkpoint import (
@@ -313,6 +314,7 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
         record["round_s"] = round(time.perf_counter() - t0, 3)
         recorder.append(record)
         os.replace(tmp, latest)
+        fsync_dir(run_dir)  # the rename itself survives a power cut
         if best_round == rnd:
             link_or_copy(latest, run_dir / C.CKPT_BEST)
         bar.set_postfix(
