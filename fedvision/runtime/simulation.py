@@ -8,11 +8,17 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
+
+if TYPE_CHECKING:  # flwr is imported where it runs: `fedvision --help` stays light
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
 
 # Flower must not phone home or install anything at run time (offline clusters, CI).
 OFFLINE_ENV = {
@@ -38,6 +44,48 @@ def set_offline_env() -> None:
 def import_client_app() -> None:
     """Import the ClientApp and what it needs (torch, torchvision, fedvision) in a Ray worker."""
     import fedvision.fl.clientapp  # noqa: F401
+
+
+class PlacedClientApp:
+    """The run's ClientApp, recording where each train message ran in ``nodes.jsonl``.
+
+    On a Ray cluster the simulated clients of one run train on several machines; the server
+    sees Flower node ids only. Each train reply adds a ``ran`` event with the Ray node, host and
+    process that served it, written by the Ray worker into the run directory (which a cluster
+    shares). The event keeps ``node`` and ``partition``, so readers of the file that look for
+    ``holds`` and ``refused`` are not affected.
+    """
+
+    def __init__(self, app: ClientApp) -> None:
+        self.app = app
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        """Run the app on ``message``; record where it ran when it was a train message."""
+        import ray
+        from flwr.app.message_type import MessageType
+
+        from fedvision.rundir import append_node_event, run_dir_from
+
+        reply = self.app(message=message, context=context)
+        if message.metadata.message_type == MessageType.TRAIN:
+            configs = message.content.config_records.values()  # Flower's strategies: server-round
+            append_node_event(
+                run_dir_from(context.run_config),
+                {
+                    "event": "ran",
+                    "node": int(context.node_id),
+                    "partition": int(context.node_config["partition-id"]),
+                    "round": next(
+                        (int(c["server-round"]) for c in configs if "server-round" in c), None
+                    ),
+                    "ok": not reply.has_error(),
+                    "ray_node": ray.get_runtime_context().get_node_id(),
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "time": round(time.time(), 3),
+                },
+            )
+        return reply
 
 
 class SimulationRuntime:
@@ -164,10 +212,14 @@ class SimulationRuntime:
         from flwr.supercore.telemetry import EventType
 
         from fedvision.rundir import load_app, read_plan
+        from fedvision.runtime.ray_backend import tolerant_backend
 
         # The run plan names the app pair (SecAgg+ and cohort workers have their own ClientApp).
         plan = read_plan(run_dir)
-        server_app, client_app = load_app(plan.server_app), load_app(plan.client_app)
+        server_app, client_app = (
+            load_app(plan.server_app),
+            PlacedClientApp(load_app(plan.client_app)),
+        )
 
         run = Run.create_empty(run_id=secrets.randbits(63))
         run.override_config = {C.RUN_DIR_KEY: str(run_dir.resolve())}
@@ -189,18 +241,20 @@ class SimulationRuntime:
         if not verbose:
             flwr_logger.setLevel(logging.ERROR)  # the progress line says what matters
         try:
-            _run_simulation(
-                num_supernodes=self.cohort_workers or num_clients,
-                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                client_app=client_app,
-                server_app=server_app,
-                backend_config=self.backend_config(verbose=verbose),
-                server_app_context=context,
-                app_dir=str(APP_DIR),
-                run=run,
-                is_app=True,
-                verbose_logging=verbose,
-            )
+            # A lost Ray node costs the clients it was running, not later rounds.
+            with tolerant_backend():
+                _run_simulation(
+                    num_supernodes=self.cohort_workers or num_clients,
+                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app,
+                    server_app=server_app,
+                    backend_config=self.backend_config(verbose=verbose),
+                    server_app_context=context,
+                    app_dir=str(APP_DIR),
+                    run=run,
+                    is_app=True,
+                    verbose_logging=verbose,
+                )
         finally:
             flwr_logger.setLevel(level)
             self.stop()  # Flower shuts Ray down on success; make sure on failure too
