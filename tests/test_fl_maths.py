@@ -205,7 +205,7 @@ def test_evaluation_draws_apart_from_training():
 
 
 def test_strategy_errors_are_one_line():
-    cfg = {"seed": 0, "runtime": {}}
+    cfg = {"seed": 0, "runtime": {}, "num_clients": 10}
     with pytest.raises(FedvisionError, match="cannot build strategy"):
         build_strategy({**cfg, "strategy": {"_target_": "flwr.serverapp.strategy.NoSuchStrategy"}})
     strategy = build_strategy(

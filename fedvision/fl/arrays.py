@@ -43,8 +43,22 @@ def pack(arrays: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({C.KEY_FLAT: Array(flat)})
 
 
-def unpack(packed: ArrayRecord, layout: Mapping[str, tuple[int, ...]]) -> ArrayRecord:
-    """The arrays of ``layout`` (key -> shape, in packing order) cut out of a packed record."""
+def pack_tensors(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """``pack(float32_arrays(state))`` with one copy and one Flower Array.
+
+    A Flower ``Array`` holds its data serialised (``np.save``), so every ``Array`` made and
+    every ``.numpy()`` read copies the whole model once more: 40 ms for resnet18's 45 MB here.
+    A client's reply goes from its state dict to the flat vector directly.
+    """
+    tensors = [t.detach().reshape(-1).to(torch.float32).cpu() for t in state.values()]
+    flat = torch.cat(tensors).numpy() if tensors else np.zeros(0, dtype=np.float32)
+    return ArrayRecord({C.KEY_FLAT: Array(flat)})
+
+
+def _flat(
+    packed: ArrayRecord, layout: Mapping[str, tuple[int, ...]]
+) -> tuple[np.ndarray, list[int]]:
+    """The packed values and the size of each of ``layout``'s arrays, checked against each other."""
     if list(packed.keys()) != [C.KEY_FLAT]:
         raise FedvisionError(
             f"expected one packed array {C.KEY_FLAT!r}, got {len(packed)} arrays: the sender "
@@ -57,11 +71,30 @@ def unpack(packed: ArrayRecord, layout: Mapping[str, tuple[int, ...]]) -> ArrayR
             f"the packed model has {flat.size} values, this model's {len(sizes)} arrays hold "
             f"{sum(sizes)}: client and server run different models"
         )
+    return flat, sizes
+
+
+def unpack(packed: ArrayRecord, layout: Mapping[str, tuple[int, ...]]) -> ArrayRecord:
+    """The arrays of ``layout`` (key -> shape, in packing order) cut out of a packed record."""
+    flat, sizes = _flat(packed, layout)
     out, start = {}, 0
     for (key, shape), size in zip(layout.items(), sizes, strict=True):
         out[key] = Array(flat[start : start + size].reshape(shape))
         start += size
     return ArrayRecord(out)
+
+
+def unpack_tensors(
+    packed: ArrayRecord, layout: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """``unpack(packed, layout).to_torch_state_dict()`` as views of one tensor (one copy)."""
+    flat, sizes = _flat(packed, layout)
+    whole = torch.from_numpy(flat if flat.flags.writeable else flat.copy())
+    out, start = {}, 0
+    for (key, shape), size in zip(layout.items(), sizes, strict=True):
+        out[key] = whole[start : start + size].view(shape)
+        start += size
+    return out
 
 
 def layout_of(arrays: ArrayRecord | Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

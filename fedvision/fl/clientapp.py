@@ -36,7 +36,7 @@ from fedvision.data.cache import DecodedCache
 from fedvision.data.partition import Partition, load_partition
 from fedvision.engine import evaluate, resolve_device, train_local
 from fedvision.errors import FedvisionError
-from fedvision.fl.arrays import float32_arrays, pack, unpack
+from fedvision.fl.arrays import pack_tensors, unpack_tensors
 from fedvision.fl.round_config import to_train_config
 from fedvision.models import ModelParts, build_model, fingerprint, split_parts
 from fedvision.privacy.client import clipping_mod, dpsgd_config, equal_weights
@@ -224,22 +224,19 @@ def load_global(
     parts = _parts(*key, bool(cfg.get(C.KEY_LOCAL_BN, False)), bn_eval)
     full = model.state_dict()
     try:
-        received = unpack(arrays, {k: tuple(full[k].shape) for k in parts.shared})
+        state = unpack_tensors(arrays, {k: tuple(full[k].shape) for k in parts.shared})
     except FedvisionError as exc:
         raise FedvisionError(
             f"{exc} (this client's {key[0]}, finetune={key[2]}, last_k={key[3]}, shares "
             f"{len(parts.shared)} arrays)"
         ) from exc
-    state = received.to_torch_state_dict()
     if parts.stats:
         if stats is None:
             raise FedvisionError(
                 f"the server sent no BatchNorm statistics, but this client's {key[0]} trains "
                 f"{len(parts.stats)} of them: client and server run different fedvision versions"
             )
-        state.update(
-            unpack(stats, {k: tuple(full[k].shape) for k in parts.stats}).to_torch_state_dict()
-        )
+        state.update(unpack_tensors(stats, {k: tuple(full[k].shape) for k in parts.stats}))
     # Counters never travel and no layer reads them: the model keeps its own.
     state.update({k: full[k] for k in parts.counters})
     new_bn = False
@@ -314,10 +311,10 @@ def train(msg: Message, context: Context) -> Message:
             {k: Array(state[k].detach().cpu().numpy()) for k in parts.local}
         )
         metrics[C.KEY_NEW_BN] = int(new_bn)
-    shared = pack(float32_arrays({k: state[k] for k in parts.shared}))
+    shared = pack_tensors({k: state[k] for k in parts.shared})
     content = RecordDict({C.KEY_ARRAYS: shared, C.KEY_METRICS: metrics})
     if parts.stats:
-        content[C.KEY_BN_STATS] = pack(float32_arrays({k: state[k] for k in parts.stats}))
+        content[C.KEY_BN_STATS] = pack_tensors({k: state[k] for k in parts.stats})
     if controls is not None:
         # SCAFFOLD: c_i+ waits in the Context for the next round; the server gets the change.
         c_i, delta = update_controls(
