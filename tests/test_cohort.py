@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from fedvision import constants as C
 from fedvision.config import compose_config
+from fedvision.data.partition import load_partition
 from fedvision.errors import FedvisionError
 from fedvision.fl import clientapp, cohort_clientapp
 from fedvision.fl.cohort import COHORT_CLIENT_APP, check_cohort, split_cohorts
@@ -222,3 +223,45 @@ def test_a_cohort_run_in_the_ray_simulation_trains_every_sampled_client_on_two_w
     for r in read_metrics(run_dir)[1:]:
         assert r["num_clients"] == len(r["clients"]) == 3 and r["cohorts"] == 2
     assert _no_ray_or_flower_left()
+
+
+@pytest.mark.realdata
+def test_ten_thousand_cifar10_clients_train_100_a_round_in_two_messages(tmp_path):
+    """10,000 clients (CIFAR-10, Dirichlet 0.3), 100 a round: the round touches the sample only.
+
+    The per-round work of the server and the messages must not grow with the population: each
+    round sends two cohort messages of one model each, whatever the number of clients (a run of
+    1,000 clients sends the same bytes). Time and memory are measured by
+    ``scripts/bench_cross_device.py --clients 10000``, not asserted here.
+    """
+    from fedvision.paths import shared_data_dir
+
+    cifar = shared_data_dir() / "cifar10"
+    if not (cifar / "train").is_dir():
+        pytest.skip(f"{cifar} is absent (shared data: $FEDVISION_SHARED_DATA)")
+    bytes_down = {}
+    for population in (1_000, 10_000):
+        run_dir = tmp_path / str(population)
+        overrides = [
+            f"data.root={cifar}", "data.size=32", "data.workers=2", "model=simple_cnn",
+            f"num_clients={population}", "num_rounds=3", "partition=dirichlet",
+            "partition.alpha=0.3", "partition.min_size=0", "partition.val_fraction=0.0",
+            f"strategy.fraction_train={100 / population}", "strategy.min_train_nodes=100",
+            "client.local_epochs=1", "client.batch_size=10", "client.augment=none",
+            "eval_every=3", "progress=false", "tracking=none", "runtime=prepare_only",
+        ]  # fmt: skip
+        assert run_experiment(compose_config(overrides), run_dir) == {"prepared": str(run_dir)}
+        plan = read_plan(run_dir)
+        write_plan(run_dir, dataclasses.replace(plan, cohort_workers=2))
+        serve(_grid(run_dir, cohort_clientapp.app, 2), run_dir)
+        assert json.loads((run_dir / C.RUN_STATUS).read_text())["status"] == "finished"
+        records = read_metrics(run_dir)[1:]
+        sizes = [len(t) for t in load_partition(run_dir / C.PARTITION_FILE).train]
+        for r in records:
+            assert len(set(r["clients"])) == 100 and r["cohorts"] == 2
+            # Clients Dirichlet left without an image train nothing: recorded, not aggregated.
+            empty = sum(sizes[p] == 0 for p in r["clients"])
+            assert r["num_clients"] + r["num_failures"] == 100 and r["num_failures"] <= empty
+        bytes_down[population] = {r["bytes_down"] for r in records}
+    assert bytes_down[1_000] == bytes_down[10_000] and len(bytes_down[1_000]) == 1
+    assert records[-1]["test_accuracy"] is not None

@@ -79,6 +79,7 @@ from fedvision.report.metrics import RunRecorder, read_metrics
 from fedvision.report.tracking import build_tracker
 from fedvision.rundir import read_node_events, read_plan
 from fedvision.system.round import SystemRound
+from strategies.sampling import base_strategy
 
 Layout = dict[str, tuple[int, ...]]  # how a packed record is cut back into named arrays
 
@@ -237,6 +238,7 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     cohorts = CohortRounds.build(cfg, plan, strategy, parts, layouts, timeout)
     rounds = secure or cohorts or MessageRounds(cfg, strategy, hooks, parts, layouts, timeout)
     hooks += [secure] if secure else []
+    federated = float(getattr(base_strategy(strategy), "fraction_evaluate", 0.0)) > 0
 
     def checkpoint(
         rnd: int, arrays: ArrayRecord, best_round: int | None, best_value: float | None
@@ -299,8 +301,9 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
         }
         if joined and rnd > start + 1:
             record["clients_joined"] = joined  # came (back) during the run
-        shared, stats = pack(subset(arrays, parts.shared)), packed_stats(arrays, parts)
-        record.update(federated_evaluate(grid, strategy, shared, stats, config, rnd, timeout))
+        if federated:  # packing the model is three copies of it: only for clients that evaluate
+            shared, stats = pack(subset(arrays, parts.shared)), packed_stats(arrays, parts)
+            record.update(federated_evaluate(grid, strategy, shared, stats, config, rnd, timeout))
         if rnd % int(cfg["eval_every"]) == 0 or rnd == num_rounds:
             record.update(evaluator(arrays))
 
