@@ -237,9 +237,8 @@ def main() -> None:
     for side in ("cohort", "per_client"):
         if side in result:
             r = result[side]
-            print(
-                f"{side:<12} {r['img_s']:8.0f} {r['round_s']:8.2f} {r['beyond_data_s'] or 0:14.2f}"
-            )
+            start, mb = r["beyond_data_s"] or 0.0, r["peak_memory_mb"]
+            print(f"{side:<12} {r['img_s']:8.0f} {r['round_s']:8.2f} {start:14.2f} {mb:8d}")
     if "limit" in result:
         lim = result["limit"]
         print(f"{'limit':<12} {lim['img_s']:8.0f}")

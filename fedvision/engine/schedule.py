@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -26,8 +26,17 @@ from torch import nn
 from fedvision.errors import FedvisionError
 from fedvision.models import find_head
 
-if TYPE_CHECKING:  # train.py imports this module; the config is only an annotation here
-    from fedvision.engine.train import TrainConfig
+
+class OptimizerSettings(Protocol):
+    """What building an optimiser reads of a ``fedvision.engine.train.TrainConfig`` (which
+    imports this module: the protocol keeps the import one way)."""
+
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    backbone_lr_factor: float
+
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
@@ -82,7 +91,7 @@ def warmup_cosine_epoch(
 
 
 def param_groups(
-    model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig
+    model: nn.Module, params: list[nn.Parameter], cfg: OptimizerSettings
 ) -> list[dict[str, Any]]:
     """One group per learning-rate factor: the head at ``lr``, the rest at the backbone's factor.
 
@@ -101,7 +110,7 @@ def param_groups(
 
 
 def make_optimizer(
-    model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig
+    model: nn.Module, params: list[nn.Parameter], cfg: OptimizerSettings
 ) -> torch.optim.Optimizer:
     """The optimiser ``cfg`` names over ``params`` (the trainable parameters of ``model``).
 

@@ -8,11 +8,11 @@ as float32 too (they never travel); ``load_state_dict`` casts them back to int.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
@@ -95,6 +95,11 @@ def unpack_tensors(
         out[key] = whole[start : start + size].view(shape)
         start += size
     return out
+
+
+def message_bytes(messages: Iterable[Message]) -> int:
+    """Bytes of the arrays ``messages`` carry (what a round sends or receives)."""
+    return sum(a.count_bytes() for m in messages for a in m.content.array_records.values())
 
 
 def layout_of(arrays: ArrayRecord | Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

@@ -33,10 +33,10 @@ from flwr.serverapp.strategy import Strategy
 from fedvision import constants as C
 from fedvision.data.partition import load_partition
 from fedvision.errors import FedvisionError
-from fedvision.fl.arrays import float32_arrays, pack, unpack
+from fedvision.fl.arrays import message_bytes, pack
 from fedvision.fl.directory import exchange, say_failures
 from fedvision.fl.feature import Trained
-from fedvision.fl.parts import local_bn, mean_stats, merge, packed_stats, subset, take_stats
+from fedvision.fl.parts import apply_aggregate, local_bn, packed_stats, subset, take_stats
 from fedvision.models import ModelParts
 from fedvision.privacy.plan import client_level_mode
 from fedvision.rundir import RunPlan
@@ -100,10 +100,6 @@ def split_cohorts(pids: Sequence[int], sizes: Sequence[int], workers: int) -> li
     return [sorted(c) for c in cohorts]
 
 
-def _bytes(messages: Sequence[Message]) -> int:
-    return sum(a.count_bytes() for m in messages for a in m.content.array_records.values())
-
-
 class Population:
     """A grid of one virtual node per partition (node id = partition id), for sampling only."""
 
@@ -123,7 +119,7 @@ class CohortRounds:
         layouts: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], timeout: float,
     ) -> None:  # fmt: skip
         self.strategy, self.parts, self.timeout = strategy, parts, timeout
-        self.layout, self.stats_layout = layouts
+        self.layouts = layouts
         self.workers = int(plan.cohort_workers)
         self.num_clients = int(cfg["num_clients"])
         self.sizes = [len(t) for t in load_partition(Path(plan.partition_file)).train]
@@ -198,19 +194,13 @@ class CohortRounds:
         if failures:
             say_failures(rnd, failures, len(pids), trained, self.min_replies)
 
-        bytes_down = sum(
-            a.count_bytes() for m in messages for a in m.content.array_records.values()
-        )
-        bytes_up = sum(a.count_bytes() for m in ok for a in m.content.array_records.values())
+        bytes_down, bytes_up = message_bytes(messages), message_bytes(ok)
         client_stats = take_stats(ok)
         aggregate = trained >= self.min_replies
         metrics = None
         if aggregate:
             new_arrays, metrics = self.strategy.aggregate_train(rnd, ok)
-            if new_arrays is not None:
-                arrays = merge(arrays, unpack(float32_arrays(new_arrays), self.layout))
-                if (mean := mean_stats(client_stats)) is not None:
-                    arrays = merge(arrays, unpack(mean, self.stats_layout))
+            arrays = apply_aggregate(arrays, new_arrays, client_stats, self.layouts)
         record: dict[str, Any] = {
             "num_clients": trained,
             "num_failures": len(failures),

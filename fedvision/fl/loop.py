@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from fedvision import constants as C
 from fedvision.atomic import fsync_dir
 from fedvision.errors import FedvisionError
-from fedvision.fl.arrays import float32_arrays, layout_of, pack, unpack
+from fedvision.fl.arrays import float32_arrays, layout_of, message_bytes, pack
 from fedvision.fl.checkpoint import (
     Checkpoint,
     link_or_copy,
@@ -60,9 +60,8 @@ from fedvision.fl.evaluation import CentralEvaluator, federated_evaluate, select
 from fedvision.fl.feature import Feature, Trained
 from fedvision.fl.parts import (
     FedBNRound,
+    apply_aggregate,
     base_fingerprint,
-    mean_stats,
-    merge,
     packed_stats,
     run_parts,
     subset,
@@ -123,10 +122,6 @@ def _resume(
     return resumed, resumed.arrays(), resumed.round, history
 
 
-def _bytes(messages: Sequence[Message]) -> int:
-    return sum(a.count_bytes() for m in messages for a in m.content.array_records.values())
-
-
 class MessageRounds:
     """A round on the Message API: the strategy configures, the clients train, it aggregates.
 
@@ -139,7 +134,7 @@ class MessageRounds:
         parts: ModelParts, layouts: tuple[Layout, Layout], timeout: float,
     ) -> None:  # fmt: skip
         self.strategy, self.hooks, self.parts, self.timeout = strategy, hooks, parts, timeout
-        self.layout, self.stats_layout = layouts
+        self.layouts = layouts
         self.min_replies = int(cfg.get("min_train_replies", 1))
         self.clip_norm = server_clipping_norm(cfg)
 
@@ -160,7 +155,7 @@ class MessageRounds:
         pids = sorted(partition_of[m.metadata.dst_node_id] for m in messages)
         for h in hooks:
             messages = h.plan(rnd, messages, partition_of)
-        bytes_down = _bytes(messages)
+        bytes_down = message_bytes(messages)
         replies = in_partition_order(
             exchange(grid, messages, self.timeout) if messages else [], partition_of
         )
@@ -180,17 +175,14 @@ class MessageRounds:
             say_failures(rnd, failures, len(messages), len(ok), self.min_replies)
 
         # Aggregate. Bytes are counted first: some strategies empty the replies they aggregate.
-        bytes_up = _bytes(ok)
+        bytes_up = message_bytes(ok)
         client_stats = take_stats(ok)  # the strategy gets parameters only
         norms = update_norm_record(ok, shared, self.clip_norm)
         aggregate = aggregate and all([h.release(rnd, ok, strategy) for h in hooks])
         train_metrics, new_arrays = None, None
         if aggregate:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-            if new_arrays is not None:
-                arrays = merge(arrays, unpack(float32_arrays(new_arrays), self.layout))
-                if (mean := mean_stats(client_stats)) is not None:
-                    arrays = merge(arrays, unpack(mean, self.stats_layout))
+            arrays = apply_aggregate(arrays, new_arrays, client_stats, self.layouts)
         for h in hooks:
             h.after_aggregate(new_arrays is not None)
         record = {

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fedvision import constants as C
 from fedvision.errors import FedvisionError
-from fedvision.fl.arrays import pack
+from fedvision.fl.arrays import float32_arrays, pack, unpack
 from fedvision.fl.feature import Feature
 from fedvision.models import ModelParts, batchnorm_keys, build_model, fingerprint, split_parts
 
@@ -115,6 +115,22 @@ def mean_stats(stats: Iterable[tuple[ArrayRecord, float]]) -> ArrayRecord | None
         RecordDict({"stats": rec, "weight": MetricRecord({"w": w})}) for rec, w in stats if w > 0
     ]
     return aggregate_arrayrecords(records, "w") if records else None
+
+
+def apply_aggregate(
+    arrays: ArrayRecord,
+    params: ArrayRecord | None,
+    client_stats: Iterable[tuple[ArrayRecord, float]],
+    layouts: tuple[Mapping[str, tuple[int, ...]], Mapping[str, tuple[int, ...]]],
+) -> ArrayRecord:
+    """The global model after a round: the strategy's packed ``params`` and the clients' mean
+    BatchNorm statistics merged into ``arrays`` (``arrays`` itself when ``params`` is None)."""
+    if params is None:
+        return arrays
+    arrays = merge(arrays, unpack(float32_arrays(params), layouts[0]))
+    if (mean := mean_stats(client_stats)) is not None:
+        arrays = merge(arrays, unpack(mean, layouts[1]))
+    return arrays
 
 
 def merge(whole: ArrayRecord, part: ArrayRecord) -> ArrayRecord:
