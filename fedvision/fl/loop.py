@@ -125,8 +125,9 @@ def _resume(
 class MessageRounds:
     """A round on the Message API: the strategy configures, the clients train, it aggregates.
 
-    The features' exchange hooks (``plan`` ... ``record``) are called here; SecAgg+ rounds
-    (:class:`fedvision.fl.secagg.SecureRounds`) take this object's place.
+    The features' exchange hooks (``plan`` ... ``record``) are called here. SecAgg+ rounds
+    (:class:`fedvision.fl.secagg.SecureRounds`) and cohort rounds
+    (:class:`fedvision.fl.cohort.CohortRounds`) take this object's place.
     """
 
     def __init__(
