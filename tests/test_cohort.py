@@ -118,6 +118,80 @@ def test_a_cohort_run_gives_the_per_client_runs_global_model(generated_dataset, 
     assert len(sent) == 3 * WORKERS
 
 
+@pytest.mark.parametrize("mode", ["client_fixed", "server_fixed"])
+def test_client_level_dp_in_cohorts_clips_each_client_and_gives_the_per_client_model(
+    generated_dataset, tmp_path, monkeypatch, mode
+):
+    """Each client clipped before the worker sums, each weighing 1, the same noise after."""
+    from flwr.serverapp.strategy import dp_fixed_clipping
+
+    dp = [f"privacy={mode}", "privacy.wrapper.clipping_norm=0.05"]
+    dp += ["privacy.wrapper.noise_multiplier=0.5"]
+    per_client, cohorts = tmp_path / "per_client", tmp_path / "cohorts"
+    _prepare(generated_dataset, per_client, *dp)
+    _prepare(generated_dataset, cohorts, *dp, workers=WORKERS)
+    stds: list[float] = []
+    for run_dir, app, nodes in (
+        (per_client, clientapp.app, NUM_CLIENTS), (cohorts, cohort_clientapp.app, WORKERS)
+    ):  # fmt: skip
+        # Flower draws the noise from numpy's global generator, which the in-process clients
+        # here share: each run gets the same stream of its own, and every std is recorded.
+        rng = np.random.default_rng(0)
+
+        def noise(arrays, std, rng=rng):
+            stds.append(std)
+            for a in arrays:
+                a += rng.normal(0, std, a.shape).astype(a.dtype)
+
+        monkeypatch.setattr(dp_fixed_clipping, "add_gaussian_noise_inplace", noise)
+        serve(_grid(run_dir, app, nodes), run_dir)
+    # z * C / m for the 3 sampled clients, every round of both runs.
+    assert stds == pytest.approx([0.5 * 0.05 / 3] * 6, rel=1e-12)
+    a, b = read_metrics(per_client), read_metrics(cohorts)
+    for x, y in zip(a[1:], b[1:], strict=True):
+        assert x["clients"] == y["clients"] and y["num_clients"] == 3
+        # Equal weights: the plain mean of the clients' losses, not the example-weighted one.
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-6)
+        assert y["update_norm_median"] == pytest.approx(x["update_norm_median"], rel=1e-5)
+        assert y["epsilon"] == pytest.approx(x["epsilon"], rel=1e-9)
+        assert y["dp_noise_multiplier"] == x["dp_noise_multiplier"] == 0.5
+        if mode == "client_fixed":  # what the server receives is clipped: at most C
+            assert y["update_norm_max"] <= 0.05 * (1 + 1e-5)
+        else:
+            assert y["clipped_fraction"] == x["clipped_fraction"]
+    if mode == "server_fixed":
+        assert b[1]["clipped_fraction"] > 0  # round 1's updates are above C: clipping matters
+    assert b[-1]["epsilon"] > b[1]["epsilon"] > 0
+    wa, wb = _final(per_client), _final(cohorts)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_worker_clips_each_update_to_the_norm_and_weighs_its_clients_equally(
+    generated_dataset, tmp_path
+):
+    """One cohort, one round, by hand: the reply is the plain mean of the clipped updates."""
+    run_dir = tmp_path / "run"
+    dp = ["privacy=client_fixed", "privacy.wrapper.clipping_norm=0.01", "num_rounds=1"]
+    _prepare(generated_dataset, run_dir, *dp, "privacy.wrapper.noise_multiplier=0.0", workers=1)
+    grid = _grid(run_dir, cohort_clientapp.app, 1)
+    serve(grid, run_dir)
+    reply = next(m for m in grid.received if C.KEY_COHORT_REPORT in m.content.config_records)
+    report = reply.content.config_records[C.KEY_COHORT_REPORT]
+    metrics = reply.content.metric_records[C.KEY_METRICS]
+    assert metrics[C.KEY_NUM_EXAMPLES] == len(report[C.KEY_COHORT_DONE]) == 3
+    assert metrics[C.KEY_NUM_TRAIN] == sum(report[C.KEY_COHORT_NUM_TRAIN])
+    losses = list(report[C.KEY_COHORT_LOSSES])
+    assert metrics[C.KEY_TRAIN_LOSS] == pytest.approx(sum(losses) / 3, rel=1e-9)
+    # The mean of three updates each clipped to 0.01 (every raw norm here is above it).
+    norms = list(report[C.KEY_COHORT_NORMS])
+    assert min(norms) > 0.01
+    start = torch.load(run_dir / C.RUN_INITIAL, weights_only=True)
+    end = _final(run_dir)
+    moved = torch.cat([(end[k] - start[k]).reshape(-1) for k in start])
+    assert 0 < float(torch.linalg.vector_norm(moved)) <= 0.01 * (1 + 1e-5)
+
+
 def test_a_failing_client_is_recorded_and_the_rest_of_its_cohort_counts(
     generated_dataset, tmp_path, monkeypatch
 ):
@@ -163,8 +237,9 @@ def test_cohorts_split_the_sample_by_examples_largest_first():
         (["strategy=fednova"], "aggregates the example-weighted mean"),
         (["strategy=krum"], "aggregates the example-weighted mean"),
         (["strategy=fedmedian"], "aggregates the example-weighted mean"),
-        (["privacy=client_fixed", "model.finetune=head"], "differential privacy"),
-        (["privacy=dpsgd"], "differential privacy"),
+        (["privacy=client_adaptive", "model.finetune=head"], "fixed clipping norm only"),
+        (["privacy=server_adaptive", "model.finetune=head"], "fixed clipping norm only"),
+        (["privacy=dpsgd"], "does not run DP-SGD"),
         (["system=tiers"], "does not simulate devices"),
         (["secagg=secaggplus", "num_clients=4"], "does not run SecAgg+"),
         (["client.local_bn=true", "strategy.fraction_evaluate=1.0"], "keeps no client state"),
@@ -186,6 +261,9 @@ def test_cohort_mode_is_refused_outside_the_simulation():
 def test_the_default_is_one_node_per_client_and_a_cohort_config_passes():
     assert compose_config([]).runtime.cohort_workers == 0
     assert check_config(compose_config(["runtime.cohort_workers=2"])).cohort_workers == 2
+    for mode in ("client_fixed", "server_fixed"):
+        dp = compose_config(["runtime.cohort_workers=2", f"privacy={mode}", "model.finetune=head"])
+        assert check_config(dp).cohort_workers == 2
 
 
 def test_the_worker_averages_its_clients_by_example_count(generated_dataset, tmp_path):

@@ -13,20 +13,28 @@ That reply is an exact stand-in for its clients only where the strategy's aggreg
 them through the example-weighted mean of their weights and metrics: FedAvg, FedProx, and the
 server optimisers over that mean (FedAvgM, FedAdam, FedYogi, FedAdagrad). Everything else is
 refused by :func:`check_cohort` before any work (rules that need each update, client state,
-client-level DP, simulated devices, SecAgg+, federated evaluation). Per-client results (who
-trained, example counts, losses, update norms, failures with their reasons) travel beside the
-mean in a ConfigRecord and are recorded as in a per-client run.
+adaptive clipping, DP-SGD, simulated devices, SecAgg+, federated evaluation). Per-client results
+(who trained, example counts, losses, update norms, failures with their reasons) travel beside
+the mean in a ConfigRecord and are recorded as in a per-client run.
+
+Client-level DP with a fixed clipping norm (``privacy=client_fixed`` or ``server_fixed``) stays
+exact: each worker clips each client's update before summing and weighs every client 1, so the
+cohorts' means, weighed by their client counts, are the plain mean of clipped updates that
+Flower's wrapper then noises for the sampled clients. Server-side clipping of a cohort's mean is
+a no-op: a mean of updates of norm at most C has norm at most C.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -35,10 +43,11 @@ from fedvision.data.partition import load_partition
 from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import message_bytes, pack
 from fedvision.fl.directory import exchange, say_failures
-from fedvision.fl.feature import Trained
+from fedvision.fl.feature import Feature, Trained
 from fedvision.fl.parts import apply_aggregate, local_bn, packed_stats, subset, take_stats
 from fedvision.models import ModelParts
-from fedvision.privacy.plan import client_level_mode
+from fedvision.privacy.plan import PrivacyPlan
+from fedvision.privacy.server import norm_record
 from fedvision.rundir import RunPlan
 
 COHORT_CLIENT_APP = "fedvision.fl.cohort_clientapp:app"
@@ -47,6 +56,9 @@ MEAN_STRATEGIES = tuple(
     f"flwr.serverapp.strategy.{name}"
     for name in ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad")
 )
+
+# Client-level DP modes a worker applies exactly (a fixed norm each client's update is clipped to).
+CLIPPED_MODES = ("none", "client-fixed", "server-fixed")
 
 
 def cohort_workers(cfg: Mapping[str, Any]) -> int:
@@ -69,9 +81,14 @@ def check_cohort(cfg: Mapping[str, Any], runtime: str) -> None:
             f"{cfg['strategy'].get('_target_')}: set runtime.cohort_workers=0",
         ),
         (
-            client_level_mode(cfg) != "none" or bool((cfg.get("privacy") or {}).get("dpsgd")),
-            "cohort execution does not combine with differential privacy yet: set privacy=none "
-            "or runtime.cohort_workers=0",
+            PrivacyPlan.from_config(cfg).mode not in CLIPPED_MODES,
+            "cohort execution combines with client-level DP at a fixed clipping norm only "
+            "(privacy=client_fixed or server_fixed), not adaptive clipping: set "
+            "runtime.cohort_workers=0",
+        ),
+        (
+            bool((cfg.get("privacy") or {}).get("dpsgd")),
+            "cohort execution does not run DP-SGD yet: set runtime.cohort_workers=0",
         ),
         (bool(cfg.get("system")), "cohort execution does not simulate devices: set system=none"),
         (bool(cfg.get("secagg")), "cohort execution does not run SecAgg+: set secagg=none"),
@@ -117,6 +134,7 @@ class CohortRounds:
     def __init__(
         self, cfg: Mapping[str, Any], plan: RunPlan, strategy: Strategy, parts: ModelParts,
         layouts: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], timeout: float,
+        hooks: Sequence[Feature] = (),
     ) -> None:  # fmt: skip
         self.strategy, self.parts, self.timeout = strategy, parts, timeout
         self.layouts = layouts
@@ -124,14 +142,25 @@ class CohortRounds:
         self.num_clients = int(cfg["num_clients"])
         self.sizes = [len(t) for t in load_partition(Path(plan.partition_file)).train]
         self.min_replies = int(cfg.get("min_train_replies", 1))
+        self.hooks = hooks
+        privacy = PrivacyPlan.from_config(cfg)
+        self.dp_mode = privacy.mode
+        self.clip = privacy.clipping_norm if privacy.mode != "none" else None
 
     @classmethod
     def build(
         cls, cfg: Mapping[str, Any], plan: RunPlan, strategy: Strategy, parts: ModelParts,
         layouts: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], timeout: float,
+        hooks: Sequence[Feature] = (),
     ) -> CohortRounds | None:  # fmt: skip
-        """The cohort rounds of a run whose plan has cohort workers, else None."""
-        return cls(cfg, plan, strategy, parts, layouts, timeout) if plan.cohort_workers else None
+        """The cohort rounds of a run whose plan has cohort workers, else None.
+
+        Of the features' hooks (:func:`check_cohort` leaves only privacy) these rounds call
+        ``release`` (with the number of clients), ``after_aggregate`` and ``record``.
+        """
+        if not plan.cohort_workers:
+            return None
+        return cls(cfg, plan, strategy, parts, layouts, timeout, hooks)
 
     def train(
         self,
@@ -156,7 +185,10 @@ class CohortRounds:
             if not cohort:
                 continue
             content = dict(sampled[0].content.items())  # every sampled client gets the same
-            content[C.KEY_CONFIG] = ConfigRecord({**content[C.KEY_CONFIG], C.KEY_COHORT: cohort})
+            extra = {C.KEY_COHORT: cohort}
+            if self.clip is not None:
+                extra[C.KEY_COHORT_CLIP] = self.clip
+            content[C.KEY_CONFIG] = ConfigRecord({**content[C.KEY_CONFIG], **extra})
             if stats is not None:
                 content[C.KEY_BN_STATS] = stats
             msg = Message(
@@ -197,10 +229,16 @@ class CohortRounds:
         bytes_down, bytes_up = message_bytes(messages), message_bytes(ok)
         client_stats = take_stats(ok)
         aggregate = trained >= self.min_replies
-        metrics = None
+        aggregate = aggregate and all(
+            [h.release(rnd, ok, self.strategy, trained) for h in self.hooks]
+        )
+        metrics, new_arrays = None, None
         if aggregate:
-            new_arrays, metrics = self.strategy.aggregate_train(rnd, ok)
+            with _quiet_reply_count(self.dp_mode != "none"):
+                new_arrays, metrics = self.strategy.aggregate_train(rnd, ok)
             arrays = apply_aggregate(arrays, new_arrays, client_stats, self.layouts)
+        for h in self.hooks:
+            h.after_aggregate(new_arrays is not None)
         record: dict[str, Any] = {
             "num_clients": trained,
             "num_failures": len(failures),
@@ -209,11 +247,37 @@ class CohortRounds:
             "bytes_up": int(bytes_up),
             "cohorts": len(messages),
         }
-        if norms:
-            record["update_norm_median"] = float(np.median(norms))
-            record["update_norm_max"] = max(norms)
+        # The norms a per-client run records: of what the server receives (clipped on the
+        # clients under client_fixed) and, under server_fixed, the share it clipped.
+        if self.dp_mode == "client-fixed":
+            record.update(norm_record([min(n, self.clip) for n in norms], None))
+        else:
+            record.update(norm_record(norms, self.clip))
+        for h in self.hooks:
+            record.update(h.record(rnd, ok))
         if failures:
             record["failures"] = failures
         if not aggregate:
             record["aggregated"] = False
         return Trained(arrays, metrics, record)
+
+
+@contextmanager
+def _quiet_reply_count(dp: bool) -> Iterator[None]:
+    """Drop Flower's DP warning that fewer replies came than clients were sampled.
+
+    A cohort's reply stands for all its clients, so the count it compares is always lower; the
+    real shortfall (failed clients) is said by :func:`~fedvision.fl.directory.say_failures` and
+    accounted for by the privacy hook.
+    """
+
+    def keep(rec: logging.LogRecord) -> bool:
+        return "differs from the number of sampled clients" not in rec.getMessage()
+
+    if dp:
+        FLOWER_LOGGER.addFilter(keep)
+    try:
+        yield
+    finally:
+        if dp:
+            FLOWER_LOGGER.removeFilter(keep)

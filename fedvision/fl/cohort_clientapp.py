@@ -7,6 +7,10 @@ here), each from the received global model, on the model this process keeps resi
 ClientApp's cache), and replies with their example-weighted mean, their example total and one
 ConfigRecord of per-client results. A client that fails is reported with its reason and left
 out of the mean; the others still count.
+
+Under client-level DP with a fixed clipping norm the worker clips each client's update to it
+before summing, as Flower's ``fixedclipping_mod`` does on a client, and weighs every client 1
+(the server's noise is calibrated to a plain mean of clipped updates; it still adds it).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from fedvision import constants as C
 from fedvision.engine import train_local
 from fedvision.fl.clientapp import client_indices, load_global, node_settings
 from fedvision.fl.round_config import to_train_config
+from fedvision.privacy.client import equal_weights
 
 app = ClientApp()
 
@@ -59,8 +64,10 @@ def train(msg: Message, context: Context) -> Message:
     start_flat = _flat(start, parts.shared)
     sums = {key: torch.zeros_like(_flat(start, keys)) for key, keys in sent.items() if keys}
     device = next(model.parameters()).device
+    clip = record.get(C.KEY_COHORT_CLIP)  # client-level DP's fixed norm, clipped per client
+    equal = equal_weights(record)  # client-level DP: every client weighs 1
     done, counts, losses, norms, failed, reasons = [], [], [], [], [], []
-    loss_sum = acc_sum = seconds = 0.0
+    weight_sum = loss_sum = acc_sum = seconds = 0.0
     for pid in [int(p) for p in record[C.KEY_COHORT]]:
         node = {**worker, C.KEY_PARTITION_ID: pid}
         node.pop(C.NODE_PARTITION_INDEX, None)  # the partition file's own index: pid
@@ -76,29 +83,35 @@ def train(msg: Message, context: Context) -> Message:
             continue
         state = model.state_dict()
         n = int(result.num_examples)
+        w = 1 if equal else n
         for key in sums:
             flat = _flat(state, sent[key])
             if key == C.KEY_ARRAYS:
-                norms.append(float(torch.linalg.vector_norm(flat - start_flat)))
-            sums[key] += n * flat
+                norm = float(torch.linalg.vector_norm(flat - start_flat))
+                norms.append(norm)  # before clipping: the server records what it needs
+                if clip is not None and norm > float(clip):
+                    flat = start_flat + (flat - start_flat) * (float(clip) / norm)
+            sums[key] += w * flat
         done.append(pid)
         counts.append(n)
         losses.append(float(result.loss))
-        loss_sum += n * float(result.loss)
-        acc_sum += n * float(result.accuracy)
+        weight_sum += w
+        loss_sum += w * float(result.loss)
+        acc_sum += w * float(result.accuracy)
         seconds += float(result.seconds)
     model.load_state_dict(start)  # the next message's clients must not see this one's last
     total = sum(counts)
     content = RecordDict()
     for key, value in sums.items():
-        mean = (value / max(total, 1)).to(torch.float32).cpu().numpy()
+        mean = (value / max(weight_sum, 1)).to(torch.float32).cpu().numpy()
         content[key] = ArrayRecord({C.KEY_FLAT: Array(mean)})
     content[C.KEY_METRICS] = MetricRecord(
         {
-            C.KEY_NUM_EXAMPLES: total,
+            # The cohort's weight: its examples, or its clients where each weighs 1.
+            C.KEY_NUM_EXAMPLES: int(weight_sum),
             C.KEY_NUM_TRAIN: total,
-            C.KEY_TRAIN_LOSS: loss_sum / total if total else 0.0,
-            C.KEY_TRAIN_ACC: acc_sum / total if total else 0.0,
+            C.KEY_TRAIN_LOSS: loss_sum / weight_sum if weight_sum else 0.0,
+            C.KEY_TRAIN_ACC: acc_sum / weight_sum if weight_sum else 0.0,
             C.KEY_TRAIN_SECONDS: seconds,
         }
     )

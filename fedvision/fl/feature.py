@@ -49,8 +49,13 @@ class Feature:
         """The replies that count, and metrics for the round's record."""
         return ok, {}
 
-    def release(self, rnd: int, ok: Sequence[Message], strategy: Strategy) -> bool:
-        """Whether the round's aggregate may be made (called only when there are enough)."""
+    def release(
+        self, rnd: int, ok: Sequence[Message], strategy: Strategy, clients: int | None = None
+    ) -> bool:
+        """Whether the round's aggregate may be made (called only when there are enough).
+
+        ``clients``: how many clients the replies stand for in cohort rounds (else one each).
+        """
         return True
 
     def after_aggregate(self, aggregated: bool) -> None:

@@ -94,6 +94,11 @@ def update_norm_record(
         for m in replies
         if not m.has_error()
     ]
+    return norm_record(norms, clipping_norm)
+
+
+def norm_record(norms: Sequence[float], clipping_norm: float | None) -> dict[str, Any]:
+    """The update-norm figures of :func:`update_norm_record` from the norms themselves."""
     if not norms:
         return {}
     out: dict[str, Any] = {
@@ -249,14 +254,22 @@ class PrivacyRound(Feature):
                 pid = partition_of[m.metadata.src_node_id]
                 self.dpsgd_steps[pid] = int(m.content[C.KEY_METRICS][C.KEY_DPSGD_STEPS])
 
-    def release(self, rnd: int, ok: Sequence[Message], strategy: Strategy) -> bool:
-        """Whether the round's noisy aggregate stays within the budget (always without DP)."""
+    def release(
+        self, rnd: int, ok: Sequence[Message], strategy: Strategy, clients: int | None = None
+    ) -> bool:
+        """Whether the round's noisy aggregate stays within the budget (always without DP).
+
+        ``clients``: how many clients ``ok`` stands for, where a reply is a cohort's mean (its
+        worker weighed each client 1); ``None``: one client a reply, each must weigh 1.
+        """
         if self.account is None:
             return True
-        check_equal_weights(ok)
+        if clients is None:
+            check_equal_weights(ok)
         # Flower's wrappers keep the noise of `sampled` replies for fewer: account for it.
         sampled = self.privacy.num_sampled_clients
-        self.released_at = release_noise_multiplier(strategy, sampled, len(ok))
+        replied = len(ok) if clients is None else clients
+        self.released_at = release_noise_multiplier(strategy, sampled, replied)
         if withheld := self.account.exceeds(rnd, self.released_at):
             self.released_at, self.withheld = None, withheld
             tqdm.write(f"fedvision: {withheld}; round {rnd} is not released", file=sys.stderr)
