@@ -11,7 +11,11 @@ global model, and replies with the cohort's example-weighted mean and example to
 
 That reply is an exact stand-in for its clients only where the strategy's aggregate depends on
 them through the example-weighted mean of their weights and metrics: FedAvg, FedProx, and the
-server optimisers over that mean (FedAvgM, FedAdam, FedYogi, FedAdagrad). Everything else is
+server optimisers over that mean (FedAvgM, FedAdam, FedYogi, FedAdagrad). FedNova depends on
+them through two such means, of the normalised updates ``d_i = (x - y_i) / a_i`` and of the
+work ``a_i``: a worker replies ``y_c = x - a_c * d_c`` with ``a_c`` as its plain-SGD steps, so
+that FedNova's ``tau_eff = sum_c p_c a_c`` and ``sum_c p_c (x - y_c) / a_c`` over the cohorts are
+its sums over the clients. Everything else is
 refused by :func:`check_cohort` before any work (rules that need each update, client state,
 adaptive clipping, DP-SGD, simulated devices, SecAgg+, federated evaluation). Per-client results
 (who trained, example counts, losses, update norms, failures with their reasons) travel beside
@@ -56,6 +60,8 @@ MEAN_STRATEGIES = tuple(
     f"flwr.serverapp.strategy.{name}"
     for name in ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad")
 )
+# And the one that sees them through example-weighted means of normalised updates and work.
+FEDNOVA = "strategies.fednova.FedNova"
 
 # Client-level DP modes a worker applies exactly (a fixed norm each client's update is clipped to).
 CLIPPED_MODES = ("none", "client-fixed", "server-fixed")
@@ -75,9 +81,9 @@ def check_cohort(cfg: Mapping[str, Any], runtime: str) -> None:
         (workers < 0, f"runtime.cohort_workers={workers} must be >= 0 (0: one node per client)"),
         (runtime != "simulation", f"cohort execution is a simulation mode, not runtime={runtime}"),
         (
-            str(cfg["strategy"].get("_target_")) not in MEAN_STRATEGIES,
-            f"cohort execution needs a strategy that aggregates the example-weighted mean "
-            f"(fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad), not "
+            str(cfg["strategy"].get("_target_")) not in (*MEAN_STRATEGIES, FEDNOVA),
+            f"cohort execution needs a strategy that aggregates example-weighted means "
+            f"(fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, fednova), not "
             f"{cfg['strategy'].get('_target_')}: set runtime.cohort_workers=0",
         ),
         (
@@ -146,6 +152,7 @@ class CohortRounds:
         privacy = PrivacyPlan.from_config(cfg)
         self.dp_mode = privacy.mode
         self.clip = privacy.clipping_norm if privacy.mode != "none" else None
+        self.normalise = str(cfg["strategy"].get("_target_")) == FEDNOVA
 
     @classmethod
     def build(
@@ -188,6 +195,8 @@ class CohortRounds:
             extra = {C.KEY_COHORT: cohort}
             if self.clip is not None:
                 extra[C.KEY_COHORT_CLIP] = self.clip
+            if self.normalise:
+                extra[C.KEY_COHORT_NORMALISE] = True
             content[C.KEY_CONFIG] = ConfigRecord({**content[C.KEY_CONFIG], **extra})
             if stats is not None:
                 content[C.KEY_BN_STATS] = stats

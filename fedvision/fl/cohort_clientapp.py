@@ -11,6 +11,11 @@ out of the mean; the others still count.
 Under client-level DP with a fixed clipping norm the worker clips each client's update to it
 before summing, as Flower's ``fixedclipping_mod`` does on a client, and weighs every client 1
 (the server's noise is calibrated to a plain mean of clipped updates; it still adds it).
+
+Under FedNova the worker sums each client's normalised update ``(x - y_i) / a_i`` and its work
+``a_i``, both example-weighted, and replies the model ``x - a_c * d_c`` with ``a_c`` as its steps
+(``a_c``, ``d_c``: the cohort's weighted means). FedNova's aggregate over such replies is its
+aggregate over the clients themselves (:mod:`fedvision.fl.cohort`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from fedvision.engine import train_local
 from fedvision.fl.clientapp import client_indices, load_global, node_settings
 from fedvision.fl.round_config import to_train_config
 from fedvision.privacy.client import equal_weights
+from strategies.fednova import momentum_steps
 
 app = ClientApp()
 
@@ -66,8 +72,9 @@ def train(msg: Message, context: Context) -> Message:
     device = next(model.parameters()).device
     clip = record.get(C.KEY_COHORT_CLIP)  # client-level DP's fixed norm, clipped per client
     equal = equal_weights(record)  # client-level DP: every client weighs 1
+    normalise = bool(record.get(C.KEY_COHORT_NORMALISE, False))  # FedNova
     done, counts, losses, norms, failed, reasons = [], [], [], [], [], []
-    weight_sum = loss_sum = acc_sum = seconds = 0.0
+    weight_sum = loss_sum = acc_sum = seconds = work_sum = 0.0
     for pid in [int(p) for p in record[C.KEY_COHORT]]:
         node = {**worker, C.KEY_PARTITION_ID: pid}
         node.pop(C.NODE_PARTITION_INDEX, None)  # the partition file's own index: pid
@@ -84,6 +91,7 @@ def train(msg: Message, context: Context) -> Message:
         state = model.state_dict()
         n = int(result.num_examples)
         w = 1 if equal else n
+        work = momentum_steps(result.steps, to_train_config(record, pid).momentum)
         for key in sums:
             flat = _flat(state, sent[key])
             if key == C.KEY_ARRAYS:
@@ -91,7 +99,10 @@ def train(msg: Message, context: Context) -> Message:
                 norms.append(norm)  # before clipping: the server records what it needs
                 if clip is not None and norm > float(clip):
                     flat = start_flat + (flat - start_flat) * (float(clip) / norm)
+                if normalise:  # FedNova's d_i = (x - y_i) / a_i
+                    flat = (start_flat - flat) / work
             sums[key] += w * flat
+        work_sum += w * work
         done.append(pid)
         counts.append(n)
         losses.append(float(result.loss))
@@ -102,9 +113,12 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(start)  # the next message's clients must not see this one's last
     total = sum(counts)
     content = RecordDict()
+    work_mean = work_sum / weight_sum if weight_sum else 0.0
     for key, value in sums.items():
-        mean = (value / max(weight_sum, 1)).to(torch.float32).cpu().numpy()
-        content[key] = ArrayRecord({C.KEY_FLAT: Array(mean)})
+        mean = value / max(weight_sum, 1)
+        if normalise and key == C.KEY_ARRAYS:  # the model whose FedNova update is the cohort's
+            mean = start_flat - work_mean * mean
+        content[key] = ArrayRecord({C.KEY_FLAT: Array(mean.to(torch.float32).cpu().numpy())})
     content[C.KEY_METRICS] = MetricRecord(
         {
             # The cohort's weight: its examples, or its clients where each weighs 1.
@@ -113,6 +127,8 @@ def train(msg: Message, context: Context) -> Message:
             C.KEY_TRAIN_LOSS: loss_sum / weight_sum if weight_sum else 0.0,
             C.KEY_TRAIN_ACC: acc_sum / weight_sum if weight_sum else 0.0,
             C.KEY_TRAIN_SECONDS: seconds,
+            # FedNova's a_c, as plain SGD steps: momentum_steps(a_c, 0) = a_c.
+            **({C.KEY_STEPS: work_mean, C.KEY_MOMENTUM: 0.0} if normalise else {}),
         }
     )
     content[C.KEY_COHORT_REPORT] = ConfigRecord(
