@@ -138,9 +138,12 @@ KEY_BACKBONE_LR_FACTOR = "backbone-lr-factor"  # lr outside the head, as a multi
 KEY_SEED = "seed"  # the run's seed; each client derives its own per round
 
 # --- cohort execution (fedvision/fl/cohort.py) ----------------------------------------------------
+COHORT_STATE_DIR = "cohort-state"  # run dir: per-client state of a cohort launch (SCAFFOLD)
 KEY_COHORT = "cohort"  # train config to a cohort worker: the partitions it trains, in order
 KEY_COHORT_CLIP = "cohort-clip"  # client-level DP: the fixed norm a worker clips each update to
 KEY_COHORT_NORMALISE = "cohort-normalise"  # FedNova: a worker sums normalised updates
+KEY_COHORT_STATE = "cohort-state"  # SCAFFOLD: the folder of this launch's client states
+KEY_COHORT_CLIENTS = "cohort-clients"  # reply metric: clients behind a cohort's unweighted mean
 KEY_COHORT_REPORT = "cohort-report"  # its reply's ConfigRecord: per-client results, below
 KEY_COHORT_DONE = "cohort-done"  # partitions that trained (their mean is the reply's arrays)
 KEY_COHORT_NUM_TRAIN = "cohort-num-train"  # their example counts

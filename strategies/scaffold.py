@@ -14,6 +14,8 @@ Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federate
       x <- x + global_lr * (1/|S|) * sum_i (y_i - x)
       c <- c + (|S| / N) * (1/|S|) * sum_i (c_i+ - c_i)          N = num_clients
 
+  A reply of a cohort worker (``runtime.cohort_workers``) is the unweighted mean of the clients
+  it trained and counts as that many (``C.KEY_COHORT_CLIENTS``) in both means and in ``|S|``.
   Both means are *unweighted*, as in the paper: SCAFFOLD's ``c`` estimates the unweighted mean of
   the clients' gradients, so the model step uses the same weights. Under quantity skew this
   differs from FedAvg's example-weighted mean (every client counts once, whatever its size).
@@ -130,20 +132,26 @@ class Scaffold(FedAvg):
         if x is None or c is None:
             raise FedvisionError("SCAFFOLD: aggregate_train came before configure_train")
         who = "strategy=scaffold"
-        if len(valid) > self.num_clients:
+        # A cohort's reply (fedvision.fl.cohort) is the unweighted mean of the clients its
+        # worker trained: it counts as that many; a client's own reply counts once.
+        counts = np.array(
+            [float(m.content[C.KEY_METRICS].get(C.KEY_COHORT_CLIENTS, 1)) for m in valid]
+        )
+        if counts.sum() > self.num_clients:
             raise FedvisionError(
-                f"{who}: {len(valid)} clients replied but strategy.num_clients="
+                f"{who}: {counts.sum():g} clients replied but strategy.num_clients="
                 f"{self.num_clients}; set it to the run's num_clients"
             )
         ys = [arrays_like(m, self.arrayrecord_key, x, who) for m in valid]
         dcs = [arrays_like(m, C.KEY_CONTROL_DELTA, x, who) for m in valid]
-        share = len(valid) / self.num_clients  # |S| / N
+        share = counts.sum() / self.num_clients  # |S| / N
         new_x, new_c = {}, {}
         for k in x:
             xk = np.asarray(x[k].numpy(), dtype=np.float64)
-            new_x[k] = xk + self.global_lr * np.mean([y[k] - xk for y in ys], axis=0)
+            step = np.average([y[k] - xk for y in ys], axis=0, weights=counts)
+            new_x[k] = xk + self.global_lr * step
             ck = np.asarray(c[k].numpy(), dtype=np.float64)
-            new_c[k] = ck + share * np.mean([dc[k] for dc in dcs], axis=0)
+            new_c[k] = ck + share * np.average([dc[k] for dc in dcs], axis=0, weights=counts)
         self.control = as_record(new_c, c)
         metrics = aggregate_metricrecords([m.content for m in valid], self.weighted_by_key)
         return as_record(new_x, x), metrics
@@ -186,14 +194,21 @@ def read_controls(
         )
     state = model.state_dict()
     size = sum(state[k].numel() for k in shared)
-    c = _flat(record, "the server's control variate", size)
     own = context.state.get(C.STATE_CONTROL)
-    c_i = (
-        np.zeros_like(c)
-        if own is None
-        else _flat(own, "this client's stored control variate", size)
-    )
-    return Controls(c=c, c_i=c_i)
+    c_i = None if own is None else _flat(own, "this client's stored control variate", size)
+    return controls_of(record, c_i, size)
+
+
+def controls_of(record: ArrayRecord, c_i: np.ndarray | None, size: int) -> Controls:
+    """The server's ``c`` (``record``) and a client's stored ``c_i`` (None: zeros)."""
+    c = _flat(record, "the server's control variate", size)
+    if c_i is None:
+        return Controls(c=c, c_i=np.zeros_like(c))
+    if c_i.size != size:
+        raise FedvisionError(
+            f"a client's stored control variate has {c_i.size} values, the shared model {size}"
+        )
+    return Controls(c=c, c_i=np.asarray(c_i, dtype=np.float32).reshape(-1))
 
 
 def grad_correction(

@@ -93,8 +93,11 @@ def _final(run_dir) -> dict[str, torch.Tensor]:
         # normalisation differs from FedAvg's mean here (a worker that replied the plain mean
         # fails this test).
         ["strategy=fednova", "client.local_steps=null", "client.local_epochs=1"],
+        # Every client's c_i carried from round to round (clients are sampled again), the plain
+        # means of models and control changes: a worker that kept no c_i fails this test.
+        ["strategy=scaffold", "client.momentum=0.0"],
     ],
-    ids=["fedavg", "fedprox", "fedadam", "fednova"],
+    ids=["fedavg", "fedprox", "fedadam", "fednova", "scaffold"],
 )
 def test_a_cohort_run_gives_the_per_client_runs_global_model(generated_dataset, tmp_path, strategy):
     per_client, cohorts = tmp_path / "per_client", tmp_path / "cohorts"
@@ -123,6 +126,10 @@ def test_a_cohort_run_gives_the_per_client_runs_global_model(generated_dataset, 
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
         moved += not torch.equal(wa[k], torch.load(per_client / C.RUN_INITIAL)[k])
     assert moved  # the model did train
+    if "strategy=scaffold" in strategy:  # each trained client's c_i, kept in the launch's folder
+        (folder,) = (cohorts / C.COHORT_STATE_DIR).iterdir()
+        trained = {p for r in b[1:] for p in r["clients"]}
+        assert {int(f.stem) for f in folder.glob("*.npy")} == trained
     # Two messages went out a round instead of three, each with the whole cohort's list.
     sent = [m for m in grid.received if C.KEY_COHORT_REPORT in m.content.config_records]
     assert len(sent) == 3 * WORKERS
@@ -243,15 +250,14 @@ def test_cohorts_split_the_sample_by_examples_largest_first():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["strategy=scaffold"], "aggregates example-weighted means"),
-        (["strategy=krum"], "aggregates example-weighted means"),
-        (["strategy=fedmedian"], "aggregates example-weighted means"),
+        (["strategy=krum"], "aggregates means of the clients"),
+        (["strategy=fedmedian"], "aggregates means of the clients"),
         (["privacy=client_adaptive", "model.finetune=head"], "fixed clipping norm only"),
         (["privacy=server_adaptive", "model.finetune=head"], "fixed clipping norm only"),
         (["privacy=dpsgd"], "does not run DP-SGD"),
         (["system=tiers"], "does not simulate devices"),
         (["secagg=secaggplus", "num_clients=4"], "does not run SecAgg+"),
-        (["client.local_bn=true", "strategy.fraction_evaluate=1.0"], "keeps no client state"),
+        (["client.local_bn=true", "strategy.fraction_evaluate=1.0"], "does not run FedBN"),
         (["strategy.fraction_evaluate=0.5"], "evaluates centrally only"),
         (["runtime.cohort_workers=-1"], "must be >= 0"),
     ],

@@ -130,6 +130,24 @@ def test_scaffold_server_step_by_hand():
     np.testing.assert_allclose(arrays["w"].numpy(), [0.75, 3.0], rtol=1e-6)
 
 
+def test_a_cohorts_reply_counts_as_the_clients_behind_its_mean():
+    strategy = _strategy()
+    list(strategy.configure_train(1, _record([1, 2]), ConfigRecord(), _Grid()))
+    strategy.control = _record([0.5, -0.5])
+    # A cohort of 2 clients (mean y (0, 3), mean dc (0.2, -0.4)) and one client (1, 5), (0.6, 0).
+    # x_new = (2 * (0, 3) + (1, 5)) / 3 = (1/3, 11/3); 3 of N = 4 replied:
+    # c_new = c + 3/4 * (2 * (0.2, -0.4) + (0.6, 0)) / 3 = (0.5 + 0.25, -0.5 - 0.2) = (0.75, -0.7).
+    cohort = _reply([0, 3], [0.2, -0.4], 10)
+    cohort.content[C.KEY_METRICS][C.KEY_COHORT_CLIENTS] = 2
+    arrays, _ = strategy.aggregate_train(1, [cohort, _reply([1, 5], [0.6, 0.0], 3)])
+    np.testing.assert_allclose(arrays["w"].numpy(), [1 / 3, 11 / 3], rtol=1e-6)
+    np.testing.assert_allclose(strategy.control["w"].numpy(), [0.75, -0.7], rtol=1e-6)
+    # More clients behind the replies than the federation has: a config mistake, one line.
+    cohort.content[C.KEY_METRICS][C.KEY_COHORT_CLIENTS] = 4
+    with pytest.raises(FedvisionError, match=r"5 clients replied but strategy\.num_clients=4"):
+        strategy.aggregate_train(1, [cohort, _reply([1, 5], [0.6, 0.0], 3)])
+
+
 def test_the_control_variate_goes_through_a_checkpoint(tmp_path):
     from fedvision.fl.checkpoint import Checkpoint, save_checkpoint
 

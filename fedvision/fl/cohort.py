@@ -15,9 +15,12 @@ server optimisers over that mean (FedAvgM, FedAdam, FedYogi, FedAdagrad). FedNov
 them through two such means, of the normalised updates ``d_i = (x - y_i) / a_i`` and of the
 work ``a_i``: a worker replies ``y_c = x - a_c * d_c`` with ``a_c`` as its plain-SGD steps, so
 that FedNova's ``tau_eff = sum_c p_c a_c`` and ``sum_c p_c (x - y_c) / a_c`` over the cohorts are
-its sums over the clients. Everything else is
-refused by :func:`check_cohort` before any work (rules that need each update, client state,
-adaptive clipping, DP-SGD, simulated devices, SecAgg+, federated evaluation). Per-client results
+its sums over the clients. SCAFFOLD depends on them through plain means of models and
+control-variate changes: a worker replies those with its client count, and keeps each
+client's ``c_i`` in a file of the launch's folder (:func:`client_state_dir`), since any worker
+may train the client next. Everything else is refused by :func:`check_cohort` before any work
+(rules that need each update, FedBN, adaptive clipping, DP-SGD, simulated devices, SecAgg+,
+federated evaluation). Per-client results
 (who trained, example counts, losses, update norms, failures with their reasons) travel beside
 the mean in a ConfigRecord and are recorded as in a per-client run.
 
@@ -31,6 +34,8 @@ a no-op: a mean of updates of norm at most C has norm at most C.
 from __future__ import annotations
 
 import logging
+import shutil
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +67,8 @@ MEAN_STRATEGIES = tuple(
 )
 # And the one that sees them through example-weighted means of normalised updates and work.
 FEDNOVA = "strategies.fednova.FedNova"
+# And the one that sees them through plain means of models and control-variate changes.
+SCAFFOLD = "strategies.scaffold.Scaffold"
 
 # Client-level DP modes a worker applies exactly (a fixed norm each client's update is clipped to).
 CLIPPED_MODES = ("none", "client-fixed", "server-fixed")
@@ -81,9 +88,9 @@ def check_cohort(cfg: Mapping[str, Any], runtime: str) -> None:
         (workers < 0, f"runtime.cohort_workers={workers} must be >= 0 (0: one node per client)"),
         (runtime != "simulation", f"cohort execution is a simulation mode, not runtime={runtime}"),
         (
-            str(cfg["strategy"].get("_target_")) not in (*MEAN_STRATEGIES, FEDNOVA),
-            f"cohort execution needs a strategy that aggregates example-weighted means "
-            f"(fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, fednova), not "
+            str(cfg["strategy"].get("_target_")) not in (*MEAN_STRATEGIES, FEDNOVA, SCAFFOLD),
+            f"cohort execution needs a strategy that aggregates means of the clients "
+            f"(fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, fednova, scaffold), not "
             f"{cfg['strategy'].get('_target_')}: set runtime.cohort_workers=0",
         ),
         (
@@ -98,7 +105,11 @@ def check_cohort(cfg: Mapping[str, Any], runtime: str) -> None:
         ),
         (bool(cfg.get("system")), "cohort execution does not simulate devices: set system=none"),
         (bool(cfg.get("secagg")), "cohort execution does not run SecAgg+: set secagg=none"),
-        (local_bn(cfg), "cohort execution keeps no client state: set client.local_bn=false"),
+        (
+            local_bn(cfg),
+            "cohort execution does not run FedBN, which keeps BatchNorm on each client and is "
+            "evaluated there: set client.local_bn=false or runtime.cohort_workers=0",
+        ),
         (
             float(cfg["strategy"].get("fraction_evaluate", 0.0)) > 0,
             "cohort execution evaluates centrally only: set strategy.fraction_evaluate=0",
@@ -123,6 +134,19 @@ def split_cohorts(pids: Sequence[int], sizes: Sequence[int], workers: int) -> li
     return [sorted(c) for c in cohorts]
 
 
+def client_state_dir(run_dir: Path) -> Path:
+    """A new, empty folder for this launch's per-client state (SCAFFOLD's ``c_i``).
+
+    Earlier launches' folders are removed: like a node's Context in a per-client run, client
+    state lives as long as the launch, and a resumed run starts from none.
+    """
+    root = run_dir / C.COHORT_STATE_DIR
+    shutil.rmtree(root, ignore_errors=True)
+    folder = root / uuid.uuid4().hex[:12]
+    folder.mkdir(parents=True)
+    return folder
+
+
 class Population:
     """A grid of one virtual node per partition (node id = partition id), for sampling only."""
 
@@ -140,7 +164,7 @@ class CohortRounds:
     def __init__(
         self, cfg: Mapping[str, Any], plan: RunPlan, strategy: Strategy, parts: ModelParts,
         layouts: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], timeout: float,
-        hooks: Sequence[Feature] = (),
+        hooks: Sequence[Feature] = (), run_dir: Path | None = None,
     ) -> None:  # fmt: skip
         self.strategy, self.parts, self.timeout = strategy, parts, timeout
         self.layouts = layouts
@@ -153,12 +177,17 @@ class CohortRounds:
         self.dp_mode = privacy.mode
         self.clip = privacy.clipping_norm if privacy.mode != "none" else None
         self.normalise = str(cfg["strategy"].get("_target_")) == FEDNOVA
+        self.state_dir: Path | None = None
+        if str(cfg["strategy"].get("_target_")) == SCAFFOLD:
+            if run_dir is None:
+                raise FedvisionError("SCAFFOLD in cohorts needs the run directory for c_i")
+            self.state_dir = client_state_dir(run_dir)
 
     @classmethod
     def build(
         cls, cfg: Mapping[str, Any], plan: RunPlan, strategy: Strategy, parts: ModelParts,
         layouts: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], timeout: float,
-        hooks: Sequence[Feature] = (),
+        hooks: Sequence[Feature] = (), run_dir: Path | None = None,
     ) -> CohortRounds | None:  # fmt: skip
         """The cohort rounds of a run whose plan has cohort workers, else None.
 
@@ -167,7 +196,7 @@ class CohortRounds:
         """
         if not plan.cohort_workers:
             return None
-        return cls(cfg, plan, strategy, parts, layouts, timeout, hooks)
+        return cls(cfg, plan, strategy, parts, layouts, timeout, hooks, run_dir)
 
     def train(
         self,
@@ -197,6 +226,8 @@ class CohortRounds:
                 extra[C.KEY_COHORT_CLIP] = self.clip
             if self.normalise:
                 extra[C.KEY_COHORT_NORMALISE] = True
+            if self.state_dir is not None:
+                extra[C.KEY_COHORT_STATE] = str(self.state_dir)
             content[C.KEY_CONFIG] = ConfigRecord({**content[C.KEY_CONFIG], **extra})
             if stats is not None:
                 content[C.KEY_BN_STATS] = stats

@@ -16,10 +16,18 @@ Under FedNova the worker sums each client's normalised update ``(x - y_i) / a_i`
 ``a_i``, both example-weighted, and replies the model ``x - a_c * d_c`` with ``a_c`` as its steps
 (``a_c``, ``d_c``: the cohort's weighted means). FedNova's aggregate over such replies is its
 aggregate over the clients themselves (:mod:`fedvision.fl.cohort`).
+
+Under SCAFFOLD each client's ``c_i`` lives in a file of the folder the server names for this
+launch (any worker may train the client next), and the worker replies the unweighted means of
+its clients' models and control-variate changes, with their count.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -30,6 +38,7 @@ from fedvision.fl.clientapp import client_indices, load_global, node_settings
 from fedvision.fl.round_config import to_train_config
 from fedvision.privacy.client import equal_weights
 from strategies.fednova import momentum_steps
+from strategies.scaffold import Controls, controls_of, grad_correction, update_controls
 
 app = ClientApp()
 
@@ -54,6 +63,24 @@ def _flat(state: dict[str, torch.Tensor], keys: tuple[str, ...]) -> torch.Tensor
     return torch.cat([state[k].detach().reshape(-1).to(torch.float32) for k in keys]).double()
 
 
+def _stored_control(folder: str, pid: int) -> np.ndarray | None:
+    """Client ``pid``'s SCAFFOLD ``c_i`` from this launch's folder (None: it never trained)."""
+    path = Path(folder) / f"{pid}.npy"
+    return np.load(path) if path.exists() else None
+
+
+def _store_control(folder: str, pid: int, c_i: np.ndarray) -> None:
+    """Keep ``c_i`` for client ``pid``'s next round, whichever worker trains it.
+
+    Atomic for a reader (a rename), not fsynced: like a node's Context, it lives only as long
+    as the launch (a resumed run starts every ``c_i`` from zeros, as a per-client run does).
+    """
+    path = Path(folder) / f"{pid}.npy"
+    tmp = path.with_name(f"{pid}.tmp.npy")
+    np.save(tmp, c_i)
+    os.replace(tmp, path)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this round's cohort; reply with its example-weighted mean and per-client results."""
@@ -69,10 +96,17 @@ def train(msg: Message, context: Context) -> Message:
     sent = {C.KEY_ARRAYS: parts.shared, C.KEY_BN_STATS: parts.stats}
     start_flat = _flat(start, parts.shared)
     sums = {key: torch.zeros_like(_flat(start, keys)) for key, keys in sent.items() if keys}
+    totals = dict.fromkeys(sums, 0.0)  # the weights summed into each of them
     device = next(model.parameters()).device
     clip = record.get(C.KEY_COHORT_CLIP)  # client-level DP's fixed norm, clipped per client
     equal = equal_weights(record)  # client-level DP: every client weighs 1
     normalise = bool(record.get(C.KEY_COHORT_NORMALISE, False))  # FedNova
+    control = msg.content.array_records.get(C.KEY_CONTROL)  # SCAFFOLD's c
+    if control is not None:
+        sums[C.KEY_CONTROL_DELTA], totals[C.KEY_CONTROL_DELTA] = torch.zeros_like(start_flat), 0.0
+        start32 = start_flat.to(torch.float32).numpy()
+    # SCAFFOLD and client-level DP take the plain mean of the models, the others weigh examples.
+    plain = equal or control is not None
     done, counts, losses, norms, failed, reasons = [], [], [], [], [], []
     weight_sum = loss_sum = acc_sum = seconds = work_sum = 0.0
     for pid in [int(p) for p in record[C.KEY_COHORT]]:
@@ -81,9 +115,17 @@ def train(msg: Message, context: Context) -> Message:
         try:
             cache, train_idx, _ = client_indices(node)
             model.load_state_dict(start)
+            cfg = to_train_config(record, pid)
+            controls: Controls | None = None
+            if control is not None:
+                stored = _stored_control(str(record[C.KEY_COHORT_STATE]), pid)
+                controls = controls_of(control, stored, start_flat.numel())
             result = train_local(
-                model, cache.images, cache.labels, train_idx, to_train_config(record, pid), device
-            )
+                model, cache.images, cache.labels, train_idx, cfg, device,
+                grad_correction=(
+                    None if controls is None else grad_correction(controls, model, parts.shared)
+                ),
+            )  # fmt: skip
         except Exception as exc:  # one client's failure is its own, as in a per-client run
             failed.append(pid)
             reasons.append(_reason(exc))
@@ -91,9 +133,18 @@ def train(msg: Message, context: Context) -> Message:
         state = model.state_dict()
         n = int(result.num_examples)
         w = 1 if equal else n
-        work = momentum_steps(result.steps, to_train_config(record, pid).momentum)
-        for key in sums:
-            flat = _flat(state, sent[key])
+        work = momentum_steps(result.steps, cfg.momentum)
+        if controls is not None:  # option II, as the per-client ClientApp does it
+            y32 = _flat(state, parts.shared).to(torch.float32).numpy()
+            c_i, delta = update_controls(controls, start32, y32, result.steps, cfg.lr, cfg.momentum)
+            _store_control(str(record[C.KEY_COHORT_STATE]), pid, c_i)
+            sums[C.KEY_CONTROL_DELTA] += torch.from_numpy(delta).double()
+            totals[C.KEY_CONTROL_DELTA] += 1
+        for key, keys in sent.items():
+            if not keys:
+                continue
+            flat = _flat(state, keys)
+            weight = n  # BatchNorm statistics: example-weighted, the server's rule for them
             if key == C.KEY_ARRAYS:
                 norm = float(torch.linalg.vector_norm(flat - start_flat))
                 norms.append(norm)  # before clipping: the server records what it needs
@@ -101,7 +152,9 @@ def train(msg: Message, context: Context) -> Message:
                     flat = start_flat + (flat - start_flat) * (float(clip) / norm)
                 if normalise:  # FedNova's d_i = (x - y_i) / a_i
                     flat = (start_flat - flat) / work
-            sums[key] += w * flat
+                weight = 1 if plain else n
+            sums[key] += weight * flat
+            totals[key] += weight
         work_sum += w * work
         done.append(pid)
         counts.append(n)
@@ -115,7 +168,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict()
     work_mean = work_sum / weight_sum if weight_sum else 0.0
     for key, value in sums.items():
-        mean = value / max(weight_sum, 1)
+        mean = value / max(totals[key], 1)
         if normalise and key == C.KEY_ARRAYS:  # the model whose FedNova update is the cohort's
             mean = start_flat - work_mean * mean
         content[key] = ArrayRecord({C.KEY_FLAT: Array(mean.to(torch.float32).cpu().numpy())})
@@ -129,6 +182,8 @@ def train(msg: Message, context: Context) -> Message:
             C.KEY_TRAIN_SECONDS: seconds,
             # FedNova's a_c, as plain SGD steps: momentum_steps(a_c, 0) = a_c.
             **({C.KEY_STEPS: work_mean, C.KEY_MOMENTUM: 0.0} if normalise else {}),
+            # SCAFFOLD: the arrays are the plain mean of this many clients.
+            **({C.KEY_COHORT_CLIENTS: len(done)} if control is not None else {}),
         }
     )
     content[C.KEY_COHORT_REPORT] = ConfigRecord(

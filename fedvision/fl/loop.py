@@ -228,7 +228,7 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     layouts = (layout_of(subset(arrays, parts.shared)), layout_of(subset(arrays, parts.stats)))
     secure = SecureRounds.build(cfg, plan)  # SecAgg+: its workflow exchanges and aggregates
     # Cohort execution: a few workers train the sampled clients back to back (fl/cohort.py).
-    cohorts = CohortRounds.build(cfg, plan, strategy, parts, layouts, timeout, hooks)
+    cohorts = CohortRounds.build(cfg, plan, strategy, parts, layouts, timeout, hooks, run_dir)
     rounds = secure or cohorts or MessageRounds(cfg, strategy, hooks, parts, layouts, timeout)
     hooks += [secure] if secure else []
     federated = float(getattr(base_strategy(strategy), "fraction_evaluate", 0.0)) > 0
