@@ -184,6 +184,44 @@ def test_client_level_dp_in_cohorts_clips_each_client_and_gives_the_per_client_m
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "system",
+    [
+        ["system.deadline_s=1.0", "system.dropout=0.3"],  # late and dropped-out clients
+        ["system.deadline_s=0.3", "system.deadline_policy=partial"],  # steps that fit
+        ["system.local_steps=[1,4]"],  # each client's own number of steps
+    ],
+    ids=["drop", "partial", "variable-steps"],
+)
+def test_simulated_devices_in_cohorts_give_the_per_client_runs_clock_and_model(
+    generated_dataset, tmp_path, system
+):
+    """The same dropouts, step caps, late clients, simulated clock and global model."""
+    devices = ["system=tiers", "system.down_mb_s=null", "system.up_mb_s=null", *system]
+    per_client, cohorts = tmp_path / "per_client", tmp_path / "cohorts"
+    _prepare(generated_dataset, per_client, *devices, "num_rounds=4")
+    _prepare(generated_dataset, cohorts, *devices, "num_rounds=4", workers=WORKERS)
+    serve(_grid(per_client, clientapp.app, NUM_CLIENTS), per_client)
+    serve(_grid(cohorts, cohort_clientapp.app, WORKERS), cohorts)
+    a, b = read_metrics(per_client), read_metrics(cohorts)
+    assert [r["round"] for r in b] == [0, 1, 2, 3, 4]
+    keys = ("clients", "num_clients", "num_dropped", "dropped", "sim_clients", "sim_time_s")
+    for x, y in zip(a[1:], b[1:], strict=True):
+        assert {k: y.get(k) for k in keys} == {k: x.get(k) for k in keys}
+        if x.get("train_loss") is not None:
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-6)
+    # The settings do what they say here: clients drop out or are late, or their work differs.
+    reasons = {d["reason"] for r in b[1:] for d in r.get("dropped", [])}
+    steps = {c["steps"] for r in b[1:] for c in r["sim_clients"]}
+    if "system.dropout=0.3" in system:
+        assert reasons == {"dropout", "deadline"}
+    else:
+        assert len(steps) > 1
+    wa, wb = _final(per_client), _final(cohorts)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
 def test_a_worker_clips_each_update_to_the_norm_and_weighs_its_clients_equally(
     generated_dataset, tmp_path
 ):
@@ -255,7 +293,6 @@ def test_cohorts_split_the_sample_by_examples_largest_first():
         (["privacy=client_adaptive", "model.finetune=head"], "fixed clipping norm only"),
         (["privacy=server_adaptive", "model.finetune=head"], "fixed clipping norm only"),
         (["privacy=dpsgd"], "does not run DP-SGD"),
-        (["system=tiers"], "does not simulate devices"),
         (["secagg=secaggplus", "num_clients=4"], "does not run SecAgg+"),
         (["client.local_bn=true", "strategy.fraction_evaluate=1.0"], "does not run FedBN"),
         (["strategy.fraction_evaluate=0.5"], "evaluates centrally only"),

@@ -19,8 +19,8 @@ its sums over the clients. SCAFFOLD depends on them through plain means of model
 control-variate changes: a worker replies those with its client count, and keeps each
 client's ``c_i`` in a file of the launch's folder (:func:`client_state_dir`), since any worker
 may train the client next. Everything else is refused by :func:`check_cohort` before any work
-(rules that need each update, FedBN, adaptive clipping, DP-SGD, simulated devices, SecAgg+,
-federated evaluation). Per-client results
+(rules that need each update, FedBN, adaptive clipping, DP-SGD, SecAgg+, federated
+evaluation). Per-client results
 (who trained, example counts, losses, update norms, failures with their reasons) travel beside
 the mean in a ConfigRecord and are recorded as in a per-client run.
 
@@ -29,6 +29,13 @@ exact: each worker clips each client's update before summing and weighs every cl
 cohorts' means, weighed by their client counts, are the plain mean of clipped updates that
 Flower's wrapper then noises for the sampled clients. Server-side clipping of a cohort's mean is
 a no-op: a mean of updates of norm at most C has norm at most C.
+
+Simulated devices (``system``) plan each client on a virtual message, the one a per-client run
+would send it: dropouts are not sent, and each client's step cap and epochs travel in its
+cohort's config. Under a deadline with ``deadline_policy=drop`` each client's simulated
+transfer time and speed travel too: a worker times each client as the server's clock does and
+leaves a late one out of its mean (it trained, and its work is reported). The clock then times
+one virtual reply per trained client; the clients it accepts must be the ones kept.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
@@ -53,11 +60,19 @@ from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import message_bytes, pack
 from fedvision.fl.directory import exchange, say_failures
 from fedvision.fl.feature import Feature, Trained
-from fedvision.fl.parts import apply_aggregate, local_bn, packed_stats, subset, take_stats
+from fedvision.fl.parts import (
+    apply_aggregate,
+    local_bn,
+    packed_stats,
+    subset,
+    take_stats,
+    with_stats,
+)
 from fedvision.models import ModelParts
 from fedvision.privacy.plan import PrivacyPlan
 from fedvision.privacy.server import norm_record
 from fedvision.rundir import RunPlan
+from fedvision.system.round import SystemRound
 
 COHORT_CLIENT_APP = "fedvision.fl.cohort_clientapp:app"
 # Strategies whose aggregate sees the clients only through their example-weighted mean.
@@ -103,7 +118,6 @@ def check_cohort(cfg: Mapping[str, Any], runtime: str) -> None:
             bool((cfg.get("privacy") or {}).get("dpsgd")),
             "cohort execution does not run DP-SGD yet: set runtime.cohort_workers=0",
         ),
-        (bool(cfg.get("system")), "cohort execution does not simulate devices: set system=none"),
         (bool(cfg.get("secagg")), "cohort execution does not run SecAgg+: set secagg=none"),
         (
             local_bn(cfg),
@@ -177,6 +191,8 @@ class CohortRounds:
         self.dp_mode = privacy.mode
         self.clip = privacy.clipping_norm if privacy.mode != "none" else None
         self.normalise = str(cfg["strategy"].get("_target_")) == FEDNOVA
+        self.identity = {p: p for p in range(self.num_clients)}  # virtual node id = partition
+        self.system = next((h for h in hooks if isinstance(h, SystemRound)), None)
         self.state_dir: Path | None = None
         if str(cfg["strategy"].get("_target_")) == SCAFFOLD:
             if run_dir is None:
@@ -191,12 +207,65 @@ class CohortRounds:
     ) -> CohortRounds | None:  # fmt: skip
         """The cohort rounds of a run whose plan has cohort workers, else None.
 
-        Of the features' hooks (:func:`check_cohort` leaves only privacy) these rounds call
-        ``release`` (with the number of clients), ``after_aggregate`` and ``record``.
+        Of the features' hooks (:func:`check_cohort` leaves privacy and simulated devices)
+        these rounds call ``plan`` (on one virtual message per client), ``release`` (with the
+        number of clients), ``after_aggregate`` and ``record``; the simulated clock's ``settle``
+        is called by :meth:`_settle`.
         """
         if not plan.cohort_workers:
             return None
         return cls(cfg, plan, strategy, parts, layouts, timeout, hooks, run_dir)
+
+    def _cohort_config(
+        self, base: Mapping[str, Any], cohort: Sequence[int], own: Mapping[int, Message]
+    ) -> ConfigRecord:
+        """The train config of one cohort: the round's, its clients, and what they need."""
+        extra: dict[str, Any] = {C.KEY_COHORT: list(cohort)}
+        if self.clip is not None:
+            extra[C.KEY_COHORT_CLIP] = self.clip
+        if self.normalise:
+            extra[C.KEY_COHORT_NORMALISE] = True
+        if self.state_dir is not None:
+            extra[C.KEY_COHORT_STATE] = str(self.state_dir)
+        if self.system is not None:  # each client's own work, and its clock under a deadline
+            configs = [own[p].content[C.KEY_CONFIG] for p in cohort]
+            extra[C.KEY_COHORT_LOCAL_STEPS] = [int(c[C.KEY_LOCAL_STEPS]) for c in configs]
+            extra[C.KEY_COHORT_LOCAL_EPOCHS] = [int(c[C.KEY_LOCAL_EPOCHS]) for c in configs]
+            model = self.system.model
+            if model.cfg.deadline_s is not None and model.cfg.deadline_policy == "drop":
+                # A client's reply weighs what its message does (the same packed parts).
+                sizes = [message_bytes([own[p]]) for p in cohort]
+                extra[C.KEY_COHORT_TRANSFER] = [
+                    model.profiles[p].transfer_s(b, b) for p, b in zip(cohort, sizes, strict=True)
+                ]
+                extra[C.KEY_COHORT_SPEED] = [model.profiles[p].speed for p in cohort]
+                extra[C.KEY_COHORT_DEADLINE] = float(model.cfg.deadline_s)
+        return ConfigRecord({**base[C.KEY_CONFIG], **extra})
+
+    def _settle(
+        self, own: Mapping[int, Message], work: Mapping[int, tuple[int, int]], trained: int
+    ) -> dict[str, Any]:
+        """The simulated clock's record of the round (empty without ``system``).
+
+        The clock sees one virtual reply per client that trained, of the size its reply would
+        have; the clients it accepts must be those the workers kept in their means.
+        """
+        if self.system is None:
+            return {}
+        replies = []
+        for pid, (steps, samples) in work.items():
+            sent = own[pid].content
+            content = RecordDict({k: v for k, v in sent.array_records.items()})
+            metrics = {C.KEY_STEPS: int(steps), C.KEY_TRAIN_SAMPLES: int(samples)}
+            content[C.KEY_METRICS] = MetricRecord(metrics)
+            replies.append(Message(content=content, reply_to=own[pid]))
+        accepted, record = self.system.settle(replies, self.identity)
+        if len(accepted) != trained:
+            raise FedvisionError(
+                f"the simulated clock accepts {len(accepted)} clients but the cohort workers "
+                f"kept {trained} in their means: the workers run another fedvision version"
+            )
+        return record
 
     def train(
         self,
@@ -210,35 +279,35 @@ class CohortRounds:
         shared = pack(subset(arrays, self.parts.shared))
         stats = packed_stats(arrays, self.parts)
         # The strategy samples and configures over the whole population, as in a per-client run.
-        self.strategy.set_partitions({p: p for p in range(self.num_clients)})
+        self.strategy.set_partitions(self.identity)
         sampled = list(
             self.strategy.configure_train(rnd, shared, config, Population(self.num_clients))
         )
         pids = sorted(m.metadata.dst_node_id for m in sampled)
+        base = dict(sampled[0].content.items()) if sampled else {}  # the same for every client
+        if stats is not None:
+            base[C.KEY_BN_STATS] = stats
+            sampled = with_stats(sampled, stats)
+        # One virtual message per client: what a per-client run would send it (simulated devices
+        # drop clients here and give each its own work).
+        for h in self.hooks:
+            sampled = h.plan(rnd, sampled, self.identity)
+        own = {m.metadata.dst_node_id: m for m in sampled}
         nodes = sorted(partition_of, key=lambda n: partition_of[n])
         messages = []
-        for node, cohort in zip(nodes, split_cohorts(pids, self.sizes, len(nodes)), strict=True):
-            if not cohort:
-                continue
-            content = dict(sampled[0].content.items())  # every sampled client gets the same
-            extra = {C.KEY_COHORT: cohort}
-            if self.clip is not None:
-                extra[C.KEY_COHORT_CLIP] = self.clip
-            if self.normalise:
-                extra[C.KEY_COHORT_NORMALISE] = True
-            if self.state_dir is not None:
-                extra[C.KEY_COHORT_STATE] = str(self.state_dir)
-            content[C.KEY_CONFIG] = ConfigRecord({**content[C.KEY_CONFIG], **extra})
-            if stats is not None:
-                content[C.KEY_BN_STATS] = stats
-            msg = Message(
-                content=RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN
-            )
-            messages.append(msg)
+        for node, cohort in zip(
+            nodes, split_cohorts(sorted(own), self.sizes, len(nodes)), strict=True
+        ):
+            if cohort:
+                content = {**base, C.KEY_CONFIG: self._cohort_config(base, cohort, own)}
+                msg = Message(
+                    content=RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN
+                )
+                messages.append(msg)
         replies = exchange(grid, messages, self.timeout) if messages else []
         by_node = {m.metadata.src_node_id: m for m in replies}
 
-        ok, failures, norms, trained = [], [], [], 0
+        ok, failures, norms, trained, work = [], [], [], 0, {}
         for msg in messages:
             cohort = list(msg.content[C.KEY_CONFIG][C.KEY_COHORT])
             reply = by_node.get(msg.metadata.dst_node_id)
@@ -253,6 +322,8 @@ class CohortRounds:
             why = zip(report[C.KEY_COHORT_FAILED], report[C.KEY_COHORT_REASONS], strict=True)
             failures += [{"partition": int(p), "code": None, "reason": str(r)} for p, r in why]
             norms += [float(x) for x in report[C.KEY_COHORT_NORMS]]
+            steps = zip(report[C.KEY_COHORT_STEPS], report[C.KEY_COHORT_SAMPLES], strict=True)
+            work.update(zip((int(p) for p in report[C.KEY_COHORT_TRAINED]), steps, strict=True))
             done = len(report[C.KEY_COHORT_NORMS])
             trained += done
             if done:  # the strategy sees the cohort's mean as one reply, nothing else
@@ -260,11 +331,12 @@ class CohortRounds:
                 content.pop(C.KEY_COHORT_REPORT)
                 ok.append(Message(content=RecordDict(content), reply_to=msg))
         failures.sort(key=lambda f: f["partition"])
-        if not ok and messages:
+        if not work and messages:
             first = failures[0]["reason"] if failures else "no reply"
             raise FedvisionError(f"round {rnd}: every client failed; first: {first}")
+        settled = self._settle(own, work, trained)
         if failures:
-            say_failures(rnd, failures, len(pids), trained, self.min_replies)
+            say_failures(rnd, failures, len(own), trained, self.min_replies)
 
         bytes_down, bytes_up = message_bytes(messages), message_bytes(ok)
         client_stats = take_stats(ok)
@@ -286,6 +358,7 @@ class CohortRounds:
             "bytes_down": int(bytes_down),
             "bytes_up": int(bytes_up),
             "cohorts": len(messages),
+            **settled,
         }
         # The norms a per-client run records: of what the server receives (clipped on the
         # clients under client_fixed) and, under server_fixed, the share it clipped.

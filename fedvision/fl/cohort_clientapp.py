@@ -17,6 +17,11 @@ Under FedNova the worker sums each client's normalised update ``(x - y_i) / a_i`
 (``a_c``, ``d_c``: the cohort's weighted means). FedNova's aggregate over such replies is its
 aggregate over the clients themselves (:mod:`fedvision.fl.cohort`).
 
+Under simulated devices (``system``) the server sends each client's local work (its step cap
+and epochs) and, with a deadline, its simulated transfer time and speed: a client that would
+finish after the deadline trains (its work is reported) but stays out of the mean, as a late
+reply does.
+
 Under SCAFFOLD each client's ``c_i`` lives in a file of the folder the server names for this
 launch (any worker may train the client next), and the worker replies the unweighted means of
 its clients' models and control-variate changes, with their count.
@@ -37,6 +42,7 @@ from fedvision.engine import train_local
 from fedvision.fl.clientapp import client_indices, load_global, node_settings
 from fedvision.fl.round_config import to_train_config
 from fedvision.privacy.client import equal_weights
+from fedvision.system.model import is_late
 from strategies.fednova import momentum_steps
 from strategies.scaffold import Controls, controls_of, grad_correction, update_controls
 
@@ -108,14 +114,20 @@ def train(msg: Message, context: Context) -> Message:
     # SCAFFOLD and client-level DP take the plain mean of the models, the others weigh examples.
     plain = equal or control is not None
     done, counts, losses, norms, failed, reasons = [], [], [], [], [], []
+    trained, steps_done, samples_done, late = [], [], [], []
     weight_sum = loss_sum = acc_sum = seconds = work_sum = 0.0
-    for pid in [int(p) for p in record[C.KEY_COHORT]]:
+    deadline = record.get(C.KEY_COHORT_DEADLINE)
+    for j, pid in enumerate(int(p) for p in record[C.KEY_COHORT]):
         node = {**worker, C.KEY_PARTITION_ID: pid}
         node.pop(C.NODE_PARTITION_INDEX, None)  # the partition file's own index: pid
+        own = dict(record)
+        if C.KEY_COHORT_LOCAL_STEPS in record:  # this client's simulated device's work
+            own[C.KEY_LOCAL_STEPS] = int(record[C.KEY_COHORT_LOCAL_STEPS][j])
+            own[C.KEY_LOCAL_EPOCHS] = int(record[C.KEY_COHORT_LOCAL_EPOCHS][j])
         try:
             cache, train_idx, _ = client_indices(node)
             model.load_state_dict(start)
-            cfg = to_train_config(record, pid)
+            cfg = to_train_config(own, pid)
             controls: Controls | None = None
             if control is not None:
                 stored = _stored_control(str(record[C.KEY_COHORT_STATE]), pid)
@@ -131,13 +143,24 @@ def train(msg: Message, context: Context) -> Message:
             reasons.append(_reason(exc))
             continue
         state = model.state_dict()
-        n = int(result.num_examples)
-        w = 1 if equal else n
-        work = momentum_steps(result.steps, cfg.momentum)
+        delta = None
         if controls is not None:  # option II, as the per-client ClientApp does it
             y32 = _flat(state, parts.shared).to(torch.float32).numpy()
             c_i, delta = update_controls(controls, start32, y32, result.steps, cfg.lr, cfg.momentum)
             _store_control(str(record[C.KEY_COHORT_STATE]), pid, c_i)
+        trained.append(pid)
+        steps_done.append(int(result.steps))
+        samples_done.append(int(result.samples_seen))
+        if deadline is not None:  # Profile.seconds, as the server's clock computes it
+            sim_s = float(record[C.KEY_COHORT_TRANSFER][j])
+            sim_s += int(result.samples_seen) / float(record[C.KEY_COHORT_SPEED][j])
+            if is_late(sim_s, float(deadline)):  # it trained, but its reply would not count
+                late.append(pid)
+                continue
+        n = int(result.num_examples)
+        w = 1 if equal else n
+        work = momentum_steps(result.steps, cfg.momentum)
+        if delta is not None:
             sums[C.KEY_CONTROL_DELTA] += torch.from_numpy(delta).double()
             totals[C.KEY_CONTROL_DELTA] += 1
         for key, keys in sent.items():
@@ -194,6 +217,10 @@ def train(msg: Message, context: Context) -> Message:
             C.KEY_COHORT_NORMS: norms,
             C.KEY_COHORT_FAILED: failed,
             C.KEY_COHORT_REASONS: reasons,
+            C.KEY_COHORT_TRAINED: trained,
+            C.KEY_COHORT_STEPS: steps_done,
+            C.KEY_COHORT_SAMPLES: samples_done,
+            C.KEY_COHORT_LATE: late,
         }
     )
     return Message(content=content, reply_to=msg)

@@ -385,11 +385,7 @@ class SystemModel:
             steps, samples, up = work[p.partition]
             t = self.profiles[p.partition].seconds(samples, p.bytes_down, up)
             runs.append(ClientRun(p.partition, steps, samples, p.bytes_down, up, t))
-            late = (
-                cfg.deadline_s is not None
-                and cfg.deadline_policy == "drop"
-                and t > cfg.deadline_s + EPS
-            )
+            late = cfg.deadline_policy == "drop" and is_late(t, cfg.deadline_s)
             if late:
                 dropped.append({"partition": p.partition, "reason": "deadline", "sim_s": t})
             else:
@@ -399,6 +395,11 @@ class SystemModel:
             finish = cfg.deadline_s
         dropped.sort(key=lambda d: d["partition"])
         return RoundOutcome(sorted(accepted), dropped, finish, runs)
+
+
+def is_late(sim_s: float, deadline_s: float | None) -> bool:
+    """Whether a client that took ``sim_s`` simulated seconds misses ``deadline_s`` (None: none)."""
+    return deadline_s is not None and sim_s > deadline_s + EPS
 
 
 def check_system(cfg: Mapping[str, Any]) -> SystemModel | None:
