@@ -189,3 +189,28 @@ def test_clients_on_one_host_log_to_their_own_files_by_default(monkeypatch, tmp_
         for sig, handler in handlers.items():
             signal_module.signal(sig, handler)
     assert [str(p) for p in seen] == ["supernode-0.log", "supernode-2.log", "mine.log"]
+
+
+def test_stopping_cuts_the_back_off_against_a_gone_supernode_short():
+    # CI, 2026-12-07: a stopped client stops its SuperNode first; the worker's next call then
+    # failed and Flower's back-off (15.7 s that time) outlasted the 10 s before SIGKILL, so
+    # the client died without saying how many tasks it ran. Nothing listens on this port.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    stop = threading.Event()
+    done = []
+    worker = threading.Thread(
+        target=lambda: done.append(client_worker.serve_tasks(f"127.0.0.1:{port}", stop)),
+        daemon=True,
+    )
+    worker.start()
+    time.sleep(3.0)  # long enough for Flower's back-off to have grown past a second
+    started = time.monotonic()
+    stop.set()
+    worker.join(timeout=10.0)
+    assert not worker.is_alive(), "the worker was still retrying 10 s after stop"
+    assert done == [0]
+    assert time.monotonic() - started < 2.0

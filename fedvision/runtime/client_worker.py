@@ -37,13 +37,17 @@ class TaskWithdrawn(Exception):
     """The SuperNode no longer knows this task (its run ended or was stopped): drop it."""
 
 
-def _retry_invoker():
+def _retry_invoker(stop: threading.Event | None = None):
     """Flower's Runtime API retry policy, minus its reaction to a refused task token.
 
     On HTTP 401 Flower's policy sends SIGINT to its own process, which is right for a
     one-task ``flwr-clientapp`` but here would stop the whole client: a task of a run that
     ended while the SuperLink was away (a server restart) is refused, and the client must
     go on to the next run's tasks. 401 and 403 (run not running) end this task only.
+
+    With ``stop``, a set event ends the retries and cuts a back-off short: the client stops
+    its SuperNode before its worker, whose next call then fails, and Flower's back-off (up to
+    minutes, not interruptible) outlasted the 10 s a service manager waits (CI, 2026-12-07).
     """
     import httpx
     from flwr.supercore.retry import make_simple_http_retry_invoker
@@ -54,9 +58,11 @@ def _retry_invoker():
     def should_giveup(exc: Exception) -> bool:
         if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (401, 403):
             raise TaskWithdrawn(f"the SuperNode refused the task (HTTP {exc.response.status_code})")
-        return flower_giveup(exc)
+        return (stop is not None and stop.is_set()) or flower_giveup(exc)
 
     invoker.should_giveup = should_giveup
+    if stop is not None:
+        invoker.wait_function = stop.wait
     return invoker
 
 
@@ -84,7 +90,12 @@ def _task_heartbeat_fn(client, withdrawn: threading.Event):
     return beat
 
 
-def _client(address: str, token: str | None, root_certificates: bytes | None):
+def _client(
+    address: str,
+    token: str | None,
+    root_certificates: bytes | None,
+    stop: threading.Event | None = None,
+):
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
@@ -99,7 +110,7 @@ def _client(address: str, token: str | None, root_certificates: bytes | None):
         insecure=root_certificates is None,
         root_certificates=root_certificates,
         interceptors=interceptors,
-        retry_invoker=_retry_invoker(),
+        retry_invoker=_retry_invoker(stop),
     )
 
 
@@ -241,7 +252,7 @@ def serve_tasks(
     while not stop.is_set():
         try:
             if client is None:
-                client = _client(address, None, root_certificates)
+                client = _client(address, None, root_certificates, stop)
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         except Exception:  # the SuperNode is (re)starting: try again shortly
             if client is not None:
