@@ -122,9 +122,12 @@ def test_a_run_on_a_three_node_cluster_survives_losing_a_worker_node_mid_round(c
     by_round = {rnd: [e for e in ran if e["round"] == rnd] for rnd in (1, 2, 3)}
     assert {e["ray_node"] for e in by_round[1]} == {keep.node_id, lose.node_id}
     assert sorted(e["partition"] for e in by_round[1]) == [0, 1, 2, 3]
-    assert sorted(e["partition"] for e in by_round[2]) == sorted(
-        p for p in range(4) if p != failure["partition"]
-    )
+    # The kept clients ran; the lost one may have written its event after training and died
+    # before its reply reached the server (CI, 2026-12-07), and if so, on the killed node.
+    kept = {p for p in range(4) if p != failure["partition"]}
+    assert kept <= {e["partition"] for e in by_round[2]}
+    lost = [e["ray_node"] for e in by_round[2] if e["partition"] == failure["partition"]]
+    assert set(lost) <= {lose.node_id}, lost
     assert {e["ray_node"] for e in by_round[3]} == {keep.node_id}
     assert sorted(e["partition"] for e in by_round[3]) == [0, 1, 2, 3]
 
