@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from tqdm import tqdm
 
 from fedvision import constants as C
@@ -33,6 +34,10 @@ from fedvision.rundir import (
 # How often the round loop asks the grid for replies. Flower's deployment grid sleeps 3 s between
 # pulls in send_and_receive; a short poll costs a few tiny requests and saves seconds per round.
 POLL_S = 0.05
+# The simulation's grid answers a pull from memory (no request), so it is asked more often: half
+# the poll is the mean wait for a reply that came, 25 ms a round at POLL_S, a tenth of a
+# cross-device cohort round (scripts/bench_cross_device.py).
+IN_MEMORY_POLL_S = 0.005
 # Error codes the SuperLink writes for a node it cannot reach (Flower's ErrorCode): the node's
 # query is retried at the next refresh instead of failing the run.
 UNREACHABLE = (3, 4, 5)  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
@@ -40,13 +45,21 @@ UNREACHABLE = (3, 4, 5)  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_
 QUERY_TIMEOUT_S = 15.0
 
 
+def poll_interval(grid: Grid) -> float:
+    """How long :func:`exchange` waits between pulls on ``grid`` (shorter in memory)."""
+    inner = grid.inner if isinstance(grid, InterruptibleGrid) else grid
+    return IN_MEMORY_POLL_S if isinstance(inner, InMemoryGrid) else POLL_S
+
+
 def exchange(
-    grid: Grid, messages: Iterable[Message], timeout_s: float, poll_s: float = POLL_S
+    grid: Grid, messages: Iterable[Message], timeout_s: float, poll_s: float | None = None
 ) -> list[Message]:
     """Send ``messages``, collect the replies that come within ``timeout_s``.
 
-    ``Grid.send_and_receive`` with a short poll (late replies are dropped, as there).
+    ``Grid.send_and_receive`` with a short poll (late replies are dropped, as there); ``poll_s``
+    None: :func:`poll_interval`.
     """
+    poll_s = poll_interval(grid) if poll_s is None else poll_s
     pending = set(grid.push_messages(list(messages)))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
@@ -250,14 +263,19 @@ def first_error(replies: Iterable[Message]) -> str:
 class InterruptibleGrid:
     """A Grid that raises :class:`RunInterrupted` once the launcher asked the run to stop.
 
-    Every wait of the round loop polls the grid (replies every ``POLL_S``, nodes while they
-    connect), so a signal stops a round within a poll, whatever the round's length; the last
-    complete round's checkpoint stays in place.
+    Every wait of the round loop polls the grid (replies every :func:`poll_interval`, nodes
+    while they connect), so a signal stops a round within a poll, whatever the round's length;
+    the last complete round's checkpoint stays in place.
     """
 
     def __init__(self, grid: Grid, run_dir: Path) -> None:
         self._grid, self._run_dir = grid, run_dir
         self._token = claim_server(run_dir)
+
+    @property
+    def inner(self) -> Grid:
+        """The grid this one wraps."""
+        return self._grid
 
     def _check(self) -> None:
         if superseded(self._run_dir, self._token):

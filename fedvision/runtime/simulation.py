@@ -5,11 +5,13 @@ Every Flower runtime call lives in ``fedvision/runtime`` so a Flower upgrade tou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,11 @@ OFFLINE_ENV = {
 # The folder with the pyproject.toml whose [tool.flwr.app] table declares the apps and the
 # run-config keys (the same one `flwr run .` reads).
 APP_DIR = Path(__file__).resolve().parents[2]
+# How often the engine looks for messages to run in a cohort run. Flower 1.39 looks every 0.1 s
+# (vce_api.add_messages_to_queue): 50 ms of mean wait before a round's workers start, a seventh
+# of a 0.35 s cross-device cohort round (scripts/bench_cross_device.py). A look asks the state
+# once per node, so the short wait is for cohort runs (a few nodes), not 1,000 simulated nodes.
+COHORT_PICKUP_S = 0.005
 
 
 def set_offline_env() -> None:
@@ -44,6 +51,32 @@ def set_offline_env() -> None:
 def import_client_app() -> None:
     """Import the ClientApp and what it needs (torch, torchvision, fedvision) in a Ray worker."""
     import fedvision.fl.clientapp  # noqa: F401
+
+
+@contextlib.contextmanager
+def prompt_pickup(wait_s: float) -> Iterator[None]:
+    """While inside, the simulation engine looks for new messages every ``wait_s`` seconds.
+
+    The engine starts ``vce_api.add_messages_to_queue`` as its extractor thread by name, with no
+    setting for its wait; this puts Flower's loop with another wait in its place and the
+    original back on the way out (as :func:`~fedvision.runtime.ray_backend.tolerant_backend`).
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+
+    def pickup(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
+        while not f_stop.is_set():
+            for node_id in nodes_mapping:
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(wait_s)
+
+    vce_api.add_messages_to_queue = pickup
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original
 
 
 class PlacedClientApp:
@@ -242,7 +275,10 @@ class SimulationRuntime:
             flwr_logger.setLevel(logging.ERROR)  # the progress line says what matters
         try:
             # A lost Ray node costs the clients it was running, not later rounds.
-            with tolerant_backend():
+            pickup = (
+                prompt_pickup(COHORT_PICKUP_S) if self.cohort_workers else contextlib.nullcontext()
+            )
+            with tolerant_backend(), pickup:
                 _run_simulation(
                     num_supernodes=self.cohort_workers or num_clients,
                     exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
