@@ -20,6 +20,7 @@ from fedvision.engine import (
     train_local,
     warmup_cosine,
 )
+from fedvision.engine.train import _resident
 from fedvision.errors import FedvisionError
 
 CPU = torch.device("cpu")
@@ -138,6 +139,30 @@ def test_train_local_is_deterministic_and_leaves_global_rng_alone() -> None:
         assert torch.equal(pa, pb), name
     assert not torch.equal(a[0].weight, c[0].weight)
     assert res_a.loss == res_b.loss
+
+
+def test_train_local_moves_a_model_only_when_a_tensor_is_elsewhere(monkeypatch) -> None:
+    """A cohort worker's resident model is not walked by Module.to each client; one tensor
+    elsewhere (here a buffer on the meta device) still moves the whole model."""
+    images, labels = _separable()
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05, augment="none", seed=0)
+    model = _tiny_cnn()
+    moves = []
+    original = nn.Module.to
+
+    def counting_to(self, *args, **kwargs):
+        moves.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", counting_to)
+    train_local(model, images, labels, np.arange(16), cfg, CPU)
+    assert moves == []  # resident on the CPU already
+    assert _resident(model, CPU)
+    model.register_buffer("moved", torch.zeros(2, device="meta"))
+    assert not _resident(model, CPU)
+    with pytest.raises(NotImplementedError):  # meta has no data to copy: .to was called
+        train_local(model, images, labels, np.arange(16), cfg, CPU)
+    assert moves == [(CPU,)]
 
 
 def _distance(model: nn.Module, ref: list[torch.Tensor]) -> float:

@@ -6,6 +6,7 @@ moved to the device and augmented there as a batch; no DataLoader or per-sample 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -234,6 +235,17 @@ def _as_device(device: torch.device | str) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 
+def _resident(model: nn.Module, device: torch.device) -> bool:
+    """Whether every tensor of ``model`` is on ``device`` already (a false no only costs a move)."""
+    index = device.index
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+    return all(
+        t.device.type == device.type and t.device.index == index
+        for t in (*model.parameters(), *model.buffers())
+    )
+
+
 def _split(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Cut ``order`` into batches, each sorted so the memmap is read front to back."""
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -342,7 +354,10 @@ def train_local(
     channels_last = cfg.channels_last and on_cuda
     transform = build_train_transform(cfg.augment, cfg.image_size, cfg.normalise)
 
-    model.to(device)
+    # A cohort worker's model stays on its device: Module.to walks every module each call, a
+    # fortieth of a cross-device client's time (scripts/bench_train_local.py).
+    if not _resident(model, device):
+        model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     set_train_mode(model, bn_eval=cfg.bn_mode == "eval")
@@ -394,7 +409,12 @@ def train_local(
                 x = transform(x, generator=gen)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                # Entering a disabled autocast each step costs as much as a small layer does.
+                with (
+                    torch.autocast(device.type, dtype=torch.bfloat16)
+                    if amp
+                    else contextlib.nullcontext()
+                ):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 objective = (
