@@ -8,7 +8,11 @@ work is the same; the difference of the mean round times is what deployment adds
 (messages through the SuperLink and SuperNodes, polling, TLS). Rounds after the first are
 compared (the first includes the clients' warm-up on both sides). Last line: JSON.
 
-    .venv/bin/python scripts/bench_deploy.py [--rounds 6] [--clients 3]
+``--database file`` (the default, what ``fedvision server --database`` runs) keeps the
+SuperLink's state in SQLite on disk; ``--database memory`` starts it without a database
+(Flower's in-memory state: nothing survives a SuperLink restart).
+
+    .venv/bin/python scripts/bench_deploy.py [--rounds 6] [--clients 3] [--database memory]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--clients", type=int, default=3)
+    ap.add_argument("--database", choices=("file", "memory"), default="file")
     args = ap.parse_args()
     os.environ.update(
         FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
@@ -67,7 +72,8 @@ def main() -> None:
     make_certs(certs, ["localhost", "127.0.0.1"], node_keys=args.clients)
     fleet, control = _port(), _port()
     server = start_server(
-        ServerOptions(certs=certs, database=tmp / "state.db", fleet=f"127.0.0.1:{fleet}",
+        ServerOptions(certs=certs, fleet=f"127.0.0.1:{fleet}",
+                      database=tmp / "state.db" if args.database == "file" else None,
                       port=control, log=tmp / "superlink.log", flwr_home=tmp / "flwr-admin",
                       register=sorted((certs / "node-keys").glob("*.pub")))
     )  # fmt: skip
@@ -106,6 +112,7 @@ def main() -> None:
         "overhead_per_round_s": round(statistics.mean(dep) - statistics.mean(sim), 3),
         "deploy_over_sim": round(statistics.mean(dep) / statistics.mean(sim), 3),
         "same_test_accuracy_every_round": same,
+        "database": args.database,
     }
     print(f"simulation  {sim}\ndeployment  {dep}")
     print(json.dumps(out))
