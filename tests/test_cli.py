@@ -99,3 +99,24 @@ def test_every_command_has_help_that_says_what_it_does(cmd, capsys):
         build_parser().parse_args([*cmd, "--help"])
     assert info.value.code == 0
     assert len(capsys.readouterr().out.split()) > 20
+
+
+@pytest.mark.parametrize(
+    ("argv", "database"),
+    [
+        ([], "superlink.db"),
+        (["--database", "/tmp/s.db"], "/tmp/s.db"),
+        (["--database", "memory"], None),
+    ],
+)
+def test_fedvision_server_keeps_its_state_in_a_file_unless_told_memory(argv, database):
+    from fedvision.commands.deploy import server_options
+
+    ns = build_parser().parse_args(["server", "--insecure", *argv])
+    opts = server_options(ns)
+    assert (None if opts.database is None else str(opts.database)) == database
+    cmd = opts.command()
+    if database is None:  # Flower's in-memory state: no --database at all
+        assert "--database" not in cmd
+    else:
+        assert cmd[cmd.index("--database") + 1] == database

@@ -7,8 +7,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedvision.errors import FedvisionError
+
+if TYPE_CHECKING:  # the runtime (and Flower) load when a command runs
+    from fedvision.runtime.deploy import ServerOptions
 
 
 def certs(ns: argparse.Namespace) -> int:
@@ -32,9 +36,29 @@ def _until_signal(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+# ``--database memory``: the SuperLink keeps its state in memory (Flower's default without one).
+IN_MEMORY = "memory"
+
+
+def server_options(ns: argparse.Namespace) -> ServerOptions:
+    """What ``fedvision server``'s arguments start."""
+    from fedvision.runtime.deploy import ServerOptions
+
+    return ServerOptions(
+        certs=ns.certs,
+        insecure=ns.insecure,
+        database=None if str(ns.database) == IN_MEMORY else ns.database,
+        fleet=ns.fleet,
+        host=ns.host,
+        port=ns.port,
+        register=list(ns.register or ()),
+        log=ns.log,
+    )
+
+
 def server(ns: argparse.Namespace) -> int:
     """Run a SuperLink until Ctrl-C or SIGTERM; a SuperLink that dies on its own is an error."""
-    from fedvision.runtime.deploy import ServerOptions, start_server
+    from fedvision.runtime.deploy import start_server
 
     if ns.insecure:
         print(
@@ -43,16 +67,7 @@ def server(ns: argparse.Namespace) -> int:
             "API can join and claim any partition no other node holds",
             file=sys.stderr,
         )
-    opts = ServerOptions(
-        certs=ns.certs,
-        insecure=ns.insecure,
-        database=ns.database,
-        fleet=ns.fleet,
-        host=ns.host,
-        port=ns.port,
-        register=list(ns.register or ()),
-        log=ns.log,
-    )
+    opts = server_options(ns)
     stop = threading.Event()
     _until_signal(stop)
     child = start_server(opts)
@@ -188,7 +203,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--database",
         type=Path,
         default=Path("superlink.db"),
-        help="SQLite state file (superlink.db)",
+        help=f"SQLite state file (superlink.db); {IN_MEMORY!r}: state in memory, lost on a "
+        "restart (registered keys too), 2.5 s a round faster on loopback",
     )
     srv.add_argument("--fleet", default="0.0.0.0:9092", help="Fleet API address (0.0.0.0:9092)")
     srv.add_argument(
