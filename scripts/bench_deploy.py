@@ -95,7 +95,7 @@ def main() -> None:
         )  # fmt: skip
     finally:
         for c in clients:
-            stop_group(c.pid, 5.0)
+            stop_group(c, 5.0)
         server.stop()
 
     def rounds(d: Path) -> list[float]:

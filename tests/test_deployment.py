@@ -107,10 +107,10 @@ class Federation:
             )
 
     def kill_client(self, pid: int) -> None:
-        stop_group(self.clients[pid].pid, timeout_s=0.0)  # SIGKILL at once: a crash
+        stop_group(self.clients[pid], timeout_s=0.0)  # SIGKILL at once: a crash
 
     def kill_server(self) -> None:
-        stop_group(self.server.proc.pid, timeout_s=0.0)
+        stop_group(self.server.proc, timeout_s=0.0)
 
     def runtime(self) -> dict[str, str]:
         return {
@@ -135,7 +135,7 @@ class Federation:
 
     def close(self) -> None:
         for proc in self.clients.values():
-            stop_group(proc.pid, timeout_s=5.0)
+            stop_group(proc, timeout_s=5.0)
         if self.server is not None:
             self.server.stop()
 
@@ -225,7 +225,7 @@ def test_a_client_killed_mid_round_is_recorded_and_the_run_finishes(dataset, fed
         federation.kill_client(2)  # round 2 is training now
         out, _ = proc.communicate(timeout=400)
     finally:
-        stop_group(proc.pid, timeout_s=5.0)
+        stop_group(proc, timeout_s=5.0)
     assert read_status(run_dir)["status"] == "finished", out
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
@@ -271,7 +271,7 @@ def test_server_killed_and_restarted_resumes_to_the_uninterrupted_metrics(
         federation.kill_server()  # the SuperLink and the ServerApp with it
         proc.wait(timeout=120)
     finally:
-        stop_group(proc.pid, timeout_s=5.0)
+        stop_group(proc, timeout_s=5.0)
     assert read_status(run_dir) is None or read_status(run_dir)["status"] != "finished"
     federation.start_server()  # the same database; the clients reconnect on their own
     summary = run_experiment(*_resumed(run_dir), resume_changes={})
@@ -299,7 +299,7 @@ def test_ctrl_c_stops_a_deployment_run_at_its_round_and_resume_finishes_it(
         sent = time.monotonic()
         out, _ = proc.communicate(timeout=90)
     finally:
-        stop_group(proc.pid, timeout_s=5.0)
+        stop_group(proc, timeout_s=5.0)
     assert proc.returncode == 130, out
     assert time.monotonic() - sent < 60
     status = read_status(run_dir)
@@ -375,7 +375,7 @@ def test_a_registered_node_claiming_a_held_partition_is_refused_and_sent_nothing
     assert held == {(pid, node) for pid, node in honest.items()}  # in both server runs
     refused = [(e["node"], e["partition"], e["held_by"]) for e in events if e["event"] == "refused"]
     assert refused == [(attacker, 1, honest[1])]
-    stop_group(federation.clients[9].pid, timeout_s=10.0)  # SIGTERM: it says how many tasks
+    stop_group(federation.clients[9], timeout_s=10.0)  # SIGTERM: it says how many tasks
     err = (tmp_path / "client-9.err").read_text()
     assert "client 1 stopped after 1 tasks" in err  # the partition query, nothing to train
 

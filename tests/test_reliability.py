@@ -319,3 +319,27 @@ def test_an_insecure_client_says_what_it_gives_up(monkeypatch, capsys, tmp_path)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert "WARNING: --insecure: no TLS and no node key" in capsys.readouterr().err
+
+
+def test_stopping_a_process_group_keeps_every_child_s_exit_status():
+    """stop_group collects the zombies of the group it stops and nothing else: a killed
+    leader reads as killed (not exit 0), and another child keeps its own status."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fedvision.runtime.deploy import stop_group
+
+    other = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    leader = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    time.sleep(0.5)  # the other child has exited: a zombie until someone waits for it
+    stop_group(leader, timeout_s=5.0)
+    assert leader.returncode == -signal.SIGTERM
+    assert other.wait(timeout=5) == 3
+    # By pid, as a script holding no Popen calls it: only the group's zombies are collected.
+    other = subprocess.Popen([sys.executable, "-c", "raise SystemExit(4)"])
+    by_pid = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    time.sleep(0.5)
+    stop_group(by_pid.pid, timeout_s=5.0)
+    assert other.wait(timeout=5) == 4

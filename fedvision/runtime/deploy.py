@@ -86,10 +86,10 @@ class Child:
         try:
             leader = os.getpgid(self.proc.pid) == self.proc.pid
         except ProcessLookupError:  # gone already
-            _reap()
+            self.proc.poll()
             return
         if leader:
-            stop_group(self.proc.pid, timeout_s)
+            stop_group(self.proc, timeout_s)
         else:
             self.proc.terminate()
             try:
@@ -107,8 +107,12 @@ class Child:
             return ""
 
 
-def stop_group(pgid: int, timeout_s: float = 10.0) -> None:
-    """Stop a process group: SIGTERM, wait up to ``timeout_s``, then SIGKILL."""
+def stop_group(leader: subprocess.Popen | int, timeout_s: float = 10.0) -> None:
+    """Stop a process group: SIGTERM, wait up to ``timeout_s``, then SIGKILL.
+
+    ``leader``: the group leader's Popen (it keeps the leader's exit status) or its pid.
+    """
+    pgid = leader.pid if isinstance(leader, subprocess.Popen) else int(leader)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pgid, sig)
@@ -120,14 +124,19 @@ def stop_group(pgid: int, timeout_s: float = 10.0) -> None:
                 os.killpg(pgid, 0)
             except (ProcessLookupError, PermissionError):
                 return
-            _reap()
+            _reap(leader, pgid)
             time.sleep(0.1)
 
 
-def _reap() -> None:
-    # Zombie children keep their group alive for killpg(…, 0); collect any that exited.
+def _reap(leader: subprocess.Popen | int, pgid: int) -> None:
+    # Zombie children keep their group alive for killpg(…, 0); collect the group's own. Through
+    # the Popen where there is one: a status taken behind its back reads as exit 0 there, and
+    # other children (not of this group) keep theirs.
+    if isinstance(leader, subprocess.Popen):
+        leader.poll()
+        return
     with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+        while os.waitpid(-pgid, os.WNOHANG)[0] > 0:
             pass
 
 
