@@ -204,7 +204,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=Path("superlink.db"),
         help=f"SQLite state file (superlink.db); {IN_MEMORY!r}: state in memory, lost on a "
-        "restart (registered keys too), 2.5 s a round faster on loopback",
+        "restart (registered keys too), faster rounds (scripts/bench_deploy.py)",
     )
     srv.add_argument("--fleet", default="0.0.0.0:9092", help="Fleet API address (0.0.0.0:9092)")
     srv.add_argument(
