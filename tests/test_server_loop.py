@@ -460,6 +460,57 @@ def test_a_node_the_superlink_lost_is_asked_again_not_fatal():
     assert directory.partition_of == {101: 0, 102: 1}
 
 
+class OneBehind(ScriptedGrid):
+    """Node 102 answers each query only when the server next lists the nodes (a SuperNode still
+    busy with a dead run's task works through its queries late, in order)."""
+
+    def __init__(self):
+        super().__init__(nodes=(101, 102))
+        self.backlog: list[Message] = []
+        self.queries_to_102 = 0
+
+    def get_node_ids(self):
+        if self.backlog:
+            self.pending = [
+                *getattr(self, "pending", []),
+                *super().send_and_receive(self.backlog[:1], None),
+            ]
+            del self.backlog[:1]
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout):
+        late = [m for m in messages if m.metadata.dst_node_id == 102]
+        self.queries_to_102 += len(late)
+        self.backlog += late
+        return super().send_and_receive([m for m in messages if m not in late], timeout)
+
+
+def test_a_node_that_answers_its_queries_late_is_counted_when_the_answer_comes():
+    # CI, 2026-12-06: after a SuperLink restart a client mid-task of the dead run answered 11
+    # queries of the resumed run, each after the server had given up on it and sent a new one.
+    from fedvision.fl.directory import ClientDirectory
+
+    grid = OneBehind()
+    directory = ClientDirectory(2)
+    assert directory.refresh(grid, timeout_s=0.05) == [0]  # 102 has not answered yet
+    assert directory.refresh(grid, timeout_s=0.05) == [1]  # its answer to the first query
+    assert directory.partition_of == {101: 0, 102: 1}
+    assert grid.queries_to_102 == 2
+    directory.refresh(grid, timeout_s=0.05)
+    assert grid.queries_to_102 == 2  # counted: not asked again
+
+
+def test_a_node_that_never_answers_is_named_in_the_timeout_error():
+    from fedvision.fl.directory import ClientDirectory
+
+    grid = OneBehind()
+    grid.get_node_ids = lambda: grid.nodes  # 102 never answers
+    with pytest.raises(
+        FedvisionError, match=r"partitions present: \[0\]; node 102: \d+ queries not answered"
+    ):
+        ClientDirectory(2).wait_for_all(grid, timeout_s=0.5)
+
+
 class Listed(ScriptedGrid):
     """A grid whose connected nodes a test changes; node ``n`` claims ``claims[n]``."""
 

@@ -43,6 +43,9 @@ IN_MEMORY_POLL_S = 0.005
 UNREACHABLE = (3, 4, 5)  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
 # How long a node that just appeared gets to say which partition it holds.
 QUERY_TIMEOUT_S = 15.0
+# How many unanswered queries per node are still waited for (the newest), so a node that never
+# answers does not grow the pull without bound.
+OPEN_QUERIES = 8
 
 
 def poll_interval(grid: Grid) -> float:
@@ -84,7 +87,10 @@ class ClientDirectory:
     the partition until an earlier one comes back. With node authentication (on with TLS) a
     node id is its registered key, stable across restarts; without it a restarted client
     comes back under a new id and takes its partition over once the SuperLink has dropped the
-    old one. Nodes that do not answer (gone, but not yet marked offline) are asked again at
+    old one. A node not heard from is asked again at each refresh, and its earlier queries
+    stay open: an answer to any of them counts whenever it comes (a node busy with a dead
+    run's task answers its queries late, in order, and waiting only for the newest would keep
+    it one behind for good). A node the SuperLink answers for as unreachable is asked again at
     the next refresh.
     Every change of holder and every refusal goes to ``on_event`` (the run's ``nodes.jsonl``);
     ``held_before`` (node, partition) from that file keeps the claim order across a resume.
@@ -105,25 +111,32 @@ class ClientDirectory:
         self._asked: set[int] = set()  # connected nodes that answered this server
         self._holder: dict[int, int] = {}  # partition -> node, as of the last refresh
         self._refused: dict[int, int] = {}  # node -> the holder it was last refused for
+        self._open: dict[int, list[str]] = {}  # node -> its unanswered queries' message ids
+        self._unreachable: dict[int, int] = {}  # node -> times the SuperLink answered for it
 
     def refresh(self, grid: Grid, timeout_s: float = QUERY_TIMEOUT_S) -> list[int]:
         """Ask new nodes which partition they hold; return the partitions that changed holder."""
         nodes = set(grid.get_node_ids())
         self._asked &= nodes  # a node that was away is asked again: it may have restarted
+        self._open = {n: ids[-OPEN_QUERIES:] for n, ids in self._open.items() if n in nodes}
         new = sorted(nodes - self._asked)
         queries = [
             Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
             for n in new
         ]
-        replies = exchange(grid, queries, timeout_s) if new else []
-        for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        for node, message_id in zip(
+            new, grid.push_messages(queries) if queries else [], strict=True
+        ):
+            self._open.setdefault(node, []).append(message_id)
+        for node, reply in self._answers(grid, timeout_s).items():
             if reply.has_error() and int(reply.error.code) in UNREACHABLE:
                 # The SuperLink answers for a node it lost (a restart, a lapsed heartbeat): not
                 # the client's fault; it is asked again at the next refresh if it comes back.
+                self._unreachable[node] = self._unreachable.get(node, 0) + 1
                 continue
             if reply.has_error():
                 raise FedvisionError(
-                    f"client on node {reply.metadata.src_node_id} failed to start: "
+                    f"client on node {node} failed to start: "
                     f"{reply.error.reason.strip().splitlines()[-1]}"
                 )
             pid = int(reply.content[C.KEY_METRICS][C.KEY_PARTITION_ID])
@@ -132,7 +145,6 @@ class ClientDirectory:
                     f"a client reports partition {pid}, but the run has num_clients="
                     f"{self.expected} (ids 0..{self.expected - 1}): fix its --partition-id"
                 )
-            node = reply.metadata.src_node_id
             self._asked.add(node)
             if self.claims.get(node) != pid:  # a new claim (or another partition): last in line
                 self.claims.pop(node, None)
@@ -159,6 +171,40 @@ class ClientDirectory:
         self.partition_of = {n: p for p, n in holder.items()}
         return changed
 
+    def _answers(self, grid: Grid, timeout_s: float) -> dict[int, Message]:
+        """One answer per node with open queries, as they come within ``timeout_s``.
+
+        A node's first answer closes all its queries; a real answer beats the SuperLink's
+        error in the same pull.
+        """
+        asked = {m: n for n, ids in self._open.items() for m in ids}
+        answers: dict[int, Message] = {}
+        deadline = time.monotonic() + timeout_s
+        while asked:
+            got = sorted(grid.pull_messages(set(asked)), key=lambda m: m.has_error())
+            for reply in got:
+                node = asked.get(reply.metadata.reply_to_message_id)
+                if node is not None and node not in answers:
+                    answers[node] = reply
+                    del self._open[node]
+            asked = {m: n for m, n in asked.items() if n not in answers}
+            if not asked or time.monotonic() > deadline:
+                break
+            time.sleep(poll_interval(grid))
+        return dict(sorted(answers.items()))
+
+    def _unheard(self) -> str:
+        """Why connected nodes hold nothing: each one's open query or the SuperLink's answers."""
+        why = [
+            f"node {n}: {len(ids)} queries not answered" for n, ids in sorted(self._open.items())
+        ]
+        why += [
+            f"node {n}: the SuperLink answered {k} of its queries as unreachable"
+            for n, k in sorted(self._unreachable.items())
+            if n not in self._asked and n not in self._open
+        ]
+        return "; " + "; ".join(why) if why else ""
+
     def _event(self, event: str, node: int, pid: int, **extra: int | bool | None) -> None:
         if self.on_event is not None:
             self.on_event(
@@ -176,6 +222,7 @@ class ClientDirectory:
                 raise FedvisionError(
                     f"only {len(have)} of {self.expected} clients connected within "
                     f"{timeout_s:g} s (runtime.connect_timeout_s); partitions present: {have}"
+                    + self._unheard()
                 )
             self.refresh(grid, min(QUERY_TIMEOUT_S, max(remaining, 1.0)))
             if len(set(self.partition_of.values())) < self.expected:
