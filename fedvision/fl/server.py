@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from fedvision.errors import FedvisionError
 from fedvision.fl.directory import InterruptibleGrid
 from fedvision.fl.loop import run_rounds
+from fedvision.fl.pulls import object_pulls_for
 from fedvision.report.metrics import read_metrics
 from fedvision.rundir import RunInterrupted, RunSuperseded, load_run_config, write_status
 
@@ -33,7 +34,8 @@ def serve(grid: Grid, run_dir: Path) -> dict[str, Any]:
         if not cfg.get("verbose", False):
             # Flower's per-round INFO lines would break the progress line; warnings still show.
             flwr_logger.setLevel(logging.WARNING)
-        summary = run_rounds(InterruptibleGrid(grid, run_dir), run_dir, cfg, started)
+        with object_pulls_for(grid):
+            summary = run_rounds(InterruptibleGrid(grid, run_dir), run_dir, cfg, started)
     except RunSuperseded:  # the newer server owns status.json and everything else now
         return {}
     except RunInterrupted:

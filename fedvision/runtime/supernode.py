@@ -1,18 +1,20 @@
-"""``python -m fedvision.runtime.supernode``: Flower 1.39's SuperNode with two timings set.
+"""``python -m fedvision.runtime.supernode``: Flower 1.39's SuperNode with three timings set.
 
-Flower 1.39 fixes two timings of a SuperNode in code, with no flag or setting:
+Flower 1.39 fixes three timings of a SuperNode in code, with no flag or setting:
 
 * it asks the SuperLink for a message, and when there is none sleeps 3 s (and 0.5 s between
   checks for a finished reply): a message that arrives just after a poll waits up to 3 s, twice
   per round (train, evaluate). Measured on loopback this is most of a round's overhead.
 * it tells the SuperLink to expect a heartbeat every 30 s; the SuperLink marks a node offline
   (and fails its messages) after two missed ones, so a dead client blocks a round for a minute.
+* a message's objects that have not reached the SuperLink yet are asked for again after 1 s,
+  doubling (:mod:`fedvision.fl.pulls`): it retries after 50 ms.
 
-This launcher sets both (``--poll-interval``, ``--heartbeat-interval``; Flower accepts 10 s to
-30 min for the latter) and then runs Flower's own ``flower-supernode`` entry point with the
-remaining arguments. It patches names inside two Flower modules only, in this process only;
-the module-level bindings it replaces are checked so that a Flower upgrade that moves them fails
-here, loudly, instead of silently going back to the defaults.
+This launcher sets the first two (``--poll-interval``, ``--heartbeat-interval``; Flower accepts
+10 s to 30 min for the latter) and the third, and then runs Flower's own ``flower-supernode``
+entry point with the remaining arguments. It patches names inside three Flower modules only, in
+this process only; the module-level bindings it replaces are checked so that a Flower upgrade
+that moves them fails here, loudly, instead of silently going back to the defaults.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import argparse
 import sys
 import time
 from types import SimpleNamespace
+
+from fedvision.fl import pulls
 
 
 def _capped_time(poll_s: float) -> SimpleNamespace:
@@ -49,6 +53,7 @@ def apply_timings(poll_s: float, heartbeat_s: float) -> None:
             "(fedvision/runtime/supernode.py); it supports Flower 1.39"
         )
     internal.time = _capped_time(poll_s)
+    pulls.tune(internal)  # a message's objects: retried after 50 ms, not 1 s
     connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat_s
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = heartbeat_s
 
