@@ -122,3 +122,17 @@ def test_a_trained_batchnorm_without_momentum_is_refused():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, momentum=None))
     with pytest.raises(FedvisionError, match="momentum=None"):
         split_parts(model)
+
+
+def test_float32_arrays_leaves_a_float32_record_as_it_is_and_converts_the_rest():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedvision.fl.arrays import float32_arrays
+
+    ready = ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))})
+    assert float32_arrays(ready) is ready  # no copy of what is float32 already
+    mixed = ArrayRecord({"w": Array(np.arange(3, dtype=np.float32)), "n": Array(np.array(7))})
+    out = float32_arrays(mixed)
+    assert [a.dtype for a in out.values()] == ["float32", "float32"]
+    assert out["n"].numpy().shape == () and out["n"].numpy() == np.float32(7)
