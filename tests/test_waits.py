@@ -17,7 +17,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedvision.fl import directory
 from fedvision.fl.directory import InterruptibleGrid, exchange, poll_interval
-from fedvision.runtime.simulation import COHORT_PICKUP_S, prompt_pickup
+from fedvision.runtime.simulation import COHORT_PICKUP_S, pickup_wait, prompt_pickup
 
 
 class _State:
@@ -107,3 +107,11 @@ def test_the_round_loop_polls_the_in_memory_grid_more_often_than_a_remote_one(tm
     assert len(exchange(fast, ["msg"], timeout_s=5, poll_s=0.005)) == 1
     assert len(exchange(slow, ["msg"], timeout_s=5, poll_s=0.05)) == 1
     assert slow.pulls <= 6 < fast.pulls
+
+
+def test_the_pickup_wait_grows_with_the_nodes_and_is_flower_s_own_from_40_on():
+    # Each look asks the state once per node: at most 400 asks a second.
+    assert pickup_wait(2) == COHORT_PICKUP_S  # two cohort workers, or two clients
+    assert pickup_wait(10) == 0.025
+    assert pickup_wait(39) < 0.1
+    assert pickup_wait(40) is None and pickup_wait(1000) is None  # Flower's 0.1 s, unpatched

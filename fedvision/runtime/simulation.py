@@ -35,11 +35,14 @@ OFFLINE_ENV = {
 # The folder with the pyproject.toml whose [tool.flwr.app] table declares the apps and the
 # run-config keys (the same one `flwr run .` reads).
 APP_DIR = Path(__file__).resolve().parents[2]
-# How often the engine looks for messages to run in a cohort run. Flower 1.39 looks every 0.1 s
+# How often the engine looks for messages with few nodes. Flower 1.39 looks every 0.1 s
 # (vce_api.add_messages_to_queue): 50 ms of mean wait before a round's workers start, a seventh
-# of a 0.35 s cross-device cohort round (scripts/bench_cross_device.py). A look asks the state
-# once per node, so the short wait is for cohort runs (a few nodes), not 1,000 simulated nodes.
+# of a 0.35 s cross-device cohort round (scripts/bench_cross_device.py), and twice a round for
+# each message of a per-client run. A look asks the state once per node, so the wait grows with
+# the nodes to keep the asks at PICKUP_ASKS_PER_S; from 40 nodes on it is Flower's own 0.1 s.
 COHORT_PICKUP_S = 0.005
+PICKUP_ASKS_PER_S = 400
+FLOWER_PICKUP_S = 0.1
 
 
 def set_offline_env() -> None:
@@ -51,6 +54,12 @@ def set_offline_env() -> None:
 def import_client_app() -> None:
     """Import the ClientApp and what it needs (torch, torchvision, fedvision) in a Ray worker."""
     import fedvision.fl.clientapp  # noqa: F401
+
+
+def pickup_wait(num_nodes: int) -> float | None:
+    """The engine's wait between looks for ``num_nodes`` simulated nodes; None: Flower's own."""
+    wait = max(COHORT_PICKUP_S, num_nodes / PICKUP_ASKS_PER_S)
+    return wait if wait < FLOWER_PICKUP_S else None
 
 
 @contextlib.contextmanager
@@ -275,9 +284,8 @@ class SimulationRuntime:
             flwr_logger.setLevel(logging.ERROR)  # the progress line says what matters
         try:
             # A lost Ray node costs the clients it was running, not later rounds.
-            pickup = (
-                prompt_pickup(COHORT_PICKUP_S) if self.cohort_workers else contextlib.nullcontext()
-            )
+            wait = pickup_wait(self.cohort_workers or num_clients)
+            pickup = contextlib.nullcontext() if wait is None else prompt_pickup(wait)
             with tolerant_backend(), pickup:
                 _run_simulation(
                     num_supernodes=self.cohort_workers or num_clients,
