@@ -646,3 +646,28 @@ def test_the_run_plan_names_the_app_pair_and_the_runtimes_timeouts(dataset, tmp_
     assert (plan.server_app, plan.client_app) == DEFAULT_APPS
     # The server reads its waits from run.json, as the runtime was configured.
     assert (plan.connect_timeout_s, plan.round_timeout_s) == (0.5, 42.0)
+
+
+@pytest.mark.parametrize(
+    ("reason", "line"),
+    [
+        ("ValueError: boom", "ValueError: boom"),
+        (
+            "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+            "ClientAppException occurred. Message: \nTraceback (most recent call last):\n"
+            '  File "x.py", line 1\nValueError: boom\'>',
+            "ValueError: boom",
+        ),
+        (
+            "<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly.\n"
+            "\tclass_name: ClientAppActor\n\tThe actor's node was lost.'>",
+            "The actor's node was lost.",
+        ),
+        ("<class 'KeyError'>:<'x'>", "x"),
+        ("  \n ", "error code 7"),
+    ],
+)
+def test_an_error_reason_is_shown_as_its_last_line_without_flower_s_wrapping(reason, line):
+    from fedvision.fl.directory import reason_line
+
+    assert reason_line(reason, 7) == line

@@ -137,7 +137,7 @@ class ClientDirectory:
             if reply.has_error():
                 raise FedvisionError(
                     f"client on node {node} failed to start: "
-                    f"{reply.error.reason.strip().splitlines()[-1]}"
+                    f"{reason_line(reply.error.reason, reply.error.code)}"
                 )
             pid = int(reply.content[C.KEY_METRICS][C.KEY_PARTITION_ID])
             if not 0 <= pid < self.expected:
@@ -249,6 +249,19 @@ def in_partition_order(
     return sorted(replies, key=lambda m: partition_of.get(m.metadata.src_node_id, 1 << 30))
 
 
+def reason_line(reason: str | None, code: int) -> str:
+    """The line of an error reply's reason a person needs: its last, without Flower's wrapping.
+
+    Flower's simulation writes ``<class '...'>:<'MESSAGE'>``; a ClientApp's or Ray's failure is a
+    traceback or report whose last line (indented for Ray) says what happened.
+    """
+    text = (reason or "").strip()
+    if text.startswith("<class '") and "'>:<'" in text and text.endswith("'>"):
+        text = text[text.index("'>:<'") + 5 : -2]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else f"error code {code}"
+
+
 def failures_of(
     sent: Iterable[Message], replies: Iterable[Message], partition_of: Mapping[int, int]
 ) -> list[dict[str, Any]]:
@@ -263,12 +276,11 @@ def failures_of(
         node = node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
         answered.add(node)
         if m.has_error():
-            lines = (m.error.reason or "").strip().splitlines()
             out.append(
                 {
                     "partition": partition_of.get(node),
                     "code": int(m.error.code),
-                    "reason": lines[-1] if lines else f"error code {m.error.code}",
+                    "reason": reason_line(m.error.reason, m.error.code),
                 }
             )
     for node in node_of.values():
@@ -303,7 +315,7 @@ def first_error(replies: Iterable[Message]) -> str:
     """The last line of the first error among ``replies`` (what a person needs to see)."""
     for m in replies:
         if m.has_error():
-            return m.error.reason.strip().splitlines()[-1]
+            return reason_line(m.error.reason, m.error.code)
     return "no reply within the timeout"
 
 
