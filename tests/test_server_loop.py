@@ -663,7 +663,7 @@ def test_the_run_plan_names_the_app_pair_and_the_runtimes_timeouts(dataset, tmp_
             "\tclass_name: ClientAppActor\n\tThe actor's node was lost.'>",
             "The actor's node was lost.",
         ),
-        ("<class 'KeyError'>:<'x'>", "x"),
+        ("<class 'fedvision.errors.FedvisionError'>:<'bad input'>", "FedvisionError: bad input"),
         ("  \n ", "error code 7"),
     ],
 )

@@ -255,11 +255,15 @@ def reason_line(reason: str | None, code: int) -> str:
     Flower's simulation writes ``<class '...'>:<'MESSAGE'>``; a ClientApp's or Ray's failure is a
     traceback or report whose last line (indented for Ray) says what happened.
     """
-    text = (reason or "").strip()
+    text, kind = (reason or "").strip(), None
     if text.startswith("<class '") and "'>:<'" in text and text.endswith("'>"):
+        kind = text[len("<class '") : text.index("'>:<'")].rsplit(".", 1)[-1]
         text = text[text.index("'>:<'") + 5 : -2]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else f"error code {code}"
+    if not lines:
+        return f"error code {code}"
+    # A one-line message needs its exception's name; a traceback's last line has it already.
+    return f"{kind}: {lines[0]}" if kind and len(lines) == 1 else lines[-1]
 
 
 def failures_of(
