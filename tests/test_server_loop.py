@@ -511,6 +511,18 @@ def test_a_node_that_never_answers_is_named_in_the_timeout_error():
         ClientDirectory(2).wait_for_all(grid, timeout_s=0.5)
 
 
+def test_a_node_that_never_answers_keeps_at_most_eight_queries_open():
+    from fedvision.fl.directory import OPEN_QUERIES, ClientDirectory
+
+    grid = OneBehind()
+    grid.get_node_ids = lambda: grid.nodes  # 102 never answers
+    directory = ClientDirectory(2)
+    for _ in range(12):
+        directory.refresh(grid, timeout_s=0.0)
+    with pytest.raises(FedvisionError, match=rf"node 102: {OPEN_QUERIES} queries not answered"):
+        directory.wait_for_all(grid, timeout_s=0.01)
+
+
 class Listed(ScriptedGrid):
     """A grid whose connected nodes a test changes; node ``n`` claims ``claims[n]``."""
 

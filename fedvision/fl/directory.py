@@ -118,7 +118,7 @@ class ClientDirectory:
         """Ask new nodes which partition they hold; return the partitions that changed holder."""
         nodes = set(grid.get_node_ids())
         self._asked &= nodes  # a node that was away is asked again: it may have restarted
-        self._open = {n: ids[-OPEN_QUERIES:] for n, ids in self._open.items() if n in nodes}
+        self._open = {n: ids for n, ids in self._open.items() if n in nodes}
         new = sorted(nodes - self._asked)
         queries = [
             Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
@@ -127,7 +127,7 @@ class ClientDirectory:
         for node, message_id in zip(
             new, grid.push_messages(queries) if queries else [], strict=True
         ):
-            self._open.setdefault(node, []).append(message_id)
+            self._open[node] = [*self._open.get(node, []), message_id][-OPEN_QUERIES:]
         for node, reply in self._answers(grid, timeout_s).items():
             if reply.has_error() and int(reply.error.code) in UNREACHABLE:
                 # The SuperLink answers for a node it lost (a restart, a lapsed heartbeat): not
