@@ -100,6 +100,9 @@ COMPRESS_JSON = "compress.json"
 KEY_CONTROL = "scaffold-c"  # train message: the server's control variate c (packed like the model)
 KEY_CONTROL_DELTA = "scaffold-dc"  # train reply: c_i+ - c_i (packed like the model)
 STATE_CONTROL = "fedvision-scaffold-ci"  # Context.state record: this client's control variate c_i
+# --- client state in the run directory (appended; see fedvision/fl/client_state.py) ----------
+CLIENT_STATE_DIR = "client-state"  # run dir: per-client state (c_i, FedBN), by partition and round
+KEY_CLIENT_STATE = "client-state"  # round config: that folder, when the clients can see it
 KEY_STEPS = "steps"  # train reply metric: local optimiser steps done (FedNova's tau_i)
 KEY_MOMENTUM = "momentum"  # train config and reply metric: the SGD momentum of local training
 # --- simulated system heterogeneity (appended; see fedvision/system/) ---------------------------
@@ -138,11 +141,9 @@ KEY_BACKBONE_LR_FACTOR = "backbone-lr-factor"  # lr outside the head, as a multi
 KEY_SEED = "seed"  # the run's seed; each client derives its own per round
 
 # --- cohort execution (fedvision/fl/cohort.py) ----------------------------------------------------
-COHORT_STATE_DIR = "cohort-state"  # run dir: per-client state of a cohort launch (SCAFFOLD)
 KEY_COHORT = "cohort"  # train config to a cohort worker: the partitions it trains, in order
 KEY_COHORT_CLIP = "cohort-clip"  # client-level DP: the fixed norm a worker clips each update to
 KEY_COHORT_NORMALISE = "cohort-normalise"  # FedNova: a worker sums normalised updates
-KEY_COHORT_STATE = "cohort-state"  # SCAFFOLD: the folder of this launch's client states
 KEY_COHORT_CLIENTS = "cohort-clients"  # reply metric: clients behind a cohort's unweighted mean
 # Simulated devices (fedvision/system): per-client lists, aligned with KEY_COHORT.
 KEY_COHORT_LOCAL_STEPS = "cohort-local-steps"  # each client's local-step cap (-1: none)

@@ -79,6 +79,8 @@ class RunPlan:
         execution have their own ClientApp); a runtime loads them with :func:`load_app`.
     cohort_workers : 0, or how many worker nodes train the round's clients in cohorts
         (``fedvision.fl.cohort``); the server then expects that many nodes.
+    client_state_dir : where clients keep their state between rounds when every client sees
+        the run directory (``fedvision.fl.client_state``); None: in their Flower Contexts.
     """
 
     num_classes: int
@@ -93,6 +95,7 @@ class RunPlan:
     server_app: str = "fedvision.fl.serverapp:app"
     client_app: str = "fedvision.fl.clientapp:app"
     cohort_workers: int = 0
+    client_state_dir: str | None = None
 
 
 def load_app(ref: str) -> Any:

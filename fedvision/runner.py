@@ -254,6 +254,11 @@ def _prepare_run_dir(
             server_app=flower_apps(cfg)[0],
             client_app=COHORT_CLIENT_APP if cohort_workers(cfg) else flower_apps(cfg)[1],
             cohort_workers=cohort_workers(cfg),
+            client_state_dir=(
+                str((run_dir / C.CLIENT_STATE_DIR).resolve())
+                if runtime.shares_run_dir or cohort_workers(cfg)
+                else None
+            ),
         )
         write_plan(run_dir, plan)
         print(

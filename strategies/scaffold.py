@@ -7,8 +7,9 @@ Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federate
   under ``C.KEY_CONTROL``, packed like the model);
 - client i trains K steps on ``g + c - c_i`` (its gradient corrected towards the average
   direction), then sets ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` and replies its model ``y_i``
-  and ``c_i+ - c_i`` (``C.KEY_CONTROL_DELTA``); ``c_i`` stays in the client's ``Context.state``
-  (as FedBN keeps its BatchNorm), zeros the first time it trains;
+  and ``c_i+ - c_i`` (``C.KEY_CONTROL_DELTA``); ``c_i`` stays with the client (in the run
+  directory when clients see it, else its ``Context.state``: :mod:`fedvision.fl.client_state`),
+  zeros the first time it trains;
 - the server, over the set S of clients that replied:
 
       x <- x + global_lr * (1/|S|) * sum_i (y_i - x)
@@ -40,11 +41,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -53,6 +54,9 @@ from fedvision import constants as C
 from fedvision.errors import FedvisionError
 from strategies._replies import arrays_like, as_record, ok_replies
 from strategies.fednova import momentum_steps, require_sgd
+
+if TYPE_CHECKING:  # a type only: strategies import no fedvision layer at run time
+    from fedvision.fl.client_state import StateStore
 
 
 def _zeros_like(arrays: ArrayRecord) -> ArrayRecord:
@@ -178,12 +182,13 @@ class Controls:
 
 
 def read_controls(
-    msg: Message, context: Context, model: torch.nn.Module, shared: Sequence[str], optimizer: str
+    msg: Message, store: StateStore, model: torch.nn.Module, shared: Sequence[str], optimizer: str
 ) -> Controls | None:
     """The round's control variates, or ``None`` when the message carries no ``c`` (not SCAFFOLD).
 
     ``shared`` names the model's packed state-dict entries, in packing order; ``c_i`` comes from
-    ``context.state`` (zeros the first time this node trains).
+    the client's ``store`` (its Context's state, or its files: :mod:`fedvision.fl.client_state`),
+    zeros the first time this client trains.
     """
     record = msg.content.array_records.get(C.KEY_CONTROL)
     if record is None:
@@ -194,7 +199,7 @@ def read_controls(
         )
     state = model.state_dict()
     size = sum(state[k].numel() for k in shared)
-    own = context.state.get(C.STATE_CONTROL)
+    own = store.get(C.STATE_CONTROL)
     c_i = None if own is None else _flat(own, "this client's stored control variate", size)
     return controls_of(record, c_i, size)
 
@@ -250,9 +255,9 @@ def update_controls(
     return new, (new.astype(np.float64) - controls.c_i).astype(np.float32)
 
 
-def store_controls(context: Context, c_i: np.ndarray) -> None:
-    """Keep ``c_i`` in this node's Context for its next round."""
-    context.state[C.STATE_CONTROL] = ArrayRecord({C.KEY_FLAT: Array(c_i)})
+def store_controls(store: StateStore, c_i: np.ndarray) -> None:
+    """Keep ``c_i`` in the client's ``store`` for its next round."""
+    store[C.STATE_CONTROL] = ArrayRecord({C.KEY_FLAT: Array(c_i)})
 
 
 def packed_record(values: np.ndarray) -> ArrayRecord:

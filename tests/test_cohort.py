@@ -64,8 +64,11 @@ def _prepare(dataset, run_dir, *extra: str, workers: int = 0) -> None:
         plan = read_plan(run_dir)
         write_plan(
             run_dir,
-            dataclasses.replace(plan, cohort_workers=workers, client_app=COHORT_CLIENT_APP),
-        )
+            dataclasses.replace(
+                plan, cohort_workers=workers, client_app=COHORT_CLIENT_APP,
+                client_state_dir=str(run_dir / C.CLIENT_STATE_DIR),
+            ),
+        )  # fmt: skip
 
 
 def _grid(run_dir, app, nodes: int) -> LoopbackGrid:
@@ -126,10 +129,12 @@ def test_a_cohort_run_gives_the_per_client_runs_global_model(generated_dataset, 
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
         moved += not torch.equal(wa[k], torch.load(per_client / C.RUN_INITIAL)[k])
     assert moved  # the model did train
-    if "strategy=scaffold" in strategy:  # each trained client's c_i, kept in the launch's folder
-        (folder,) = (cohorts / C.COHORT_STATE_DIR).iterdir()
-        trained = {p for r in b[1:] for p in r["clients"]}
-        assert {int(f.stem) for f in folder.glob("*.npy")} == trained
+    if "strategy=scaffold" in strategy:  # each trained client's newest c_i, in the run dir
+        folder = cohorts / C.CLIENT_STATE_DIR
+        newest = {p: r["round"] for r in b[1:] for p in r["clients"]}
+        assert sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*.npz")) == sorted(
+            f"{p}/{C.STATE_CONTROL}.{rnd}.npz" for p, rnd in newest.items()
+        )
     # Two messages went out a round instead of three, each with the whole cohort's list.
     sent = [m for m in grid.received if C.KEY_COHORT_REPORT in m.content.config_records]
     assert len(sent) == 3 * WORKERS

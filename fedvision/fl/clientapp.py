@@ -37,6 +37,7 @@ from fedvision.data.partition import Partition, load_partition
 from fedvision.engine import evaluate, resolve_device, train_local
 from fedvision.errors import FedvisionError
 from fedvision.fl.arrays import pack_tensors, unpack_tensors
+from fedvision.fl.client_state import StateStore, client_state
 from fedvision.fl.round_config import to_train_config
 from fedvision.models import ModelParts, build_model, fingerprint, split_parts
 from fedvision.privacy.client import clipping_mod, dpsgd_config, equal_weights
@@ -172,10 +173,10 @@ def _base_weights(
 
 
 def _own_batchnorm(
-    context: Context, parts: ModelParts, base: Mapping[str, torch.Tensor]
+    store: StateStore, parts: ModelParts, base: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], bool]:
-    """FedBN: this client's BatchNorm from its Context, else the base's; and whether it is new."""
-    record = context.state.get(C.STATE_LOCAL_BN)
+    """FedBN: this client's BatchNorm from its store, else the base's; and whether it is new."""
+    record = store.get(C.STATE_LOCAL_BN)
     if record is None:
         return {k: base[k] for k in parts.local}, True
     if set(record.keys()) != set(parts.local):
@@ -187,14 +188,14 @@ def _own_batchnorm(
 
 
 def _load_global(
-    msg: Message, node: Mapping[str, Any], context: Context
+    msg: Message, node: Mapping[str, Any], store: StateStore
 ) -> tuple[torch.nn.Module, ModelParts, bool]:
     """The model of this round: received arrays, completed from the base and (FedBN) own BN.
 
     Returns the model, its parts, and whether its BatchNorm started from the base this time.
     """
     return load_global(
-        msg.content[C.KEY_CONFIG], msg.content[C.KEY_ARRAYS], node, context,
+        msg.content[C.KEY_CONFIG], msg.content[C.KEY_ARRAYS], node, store,
         stats=msg.content.array_records.get(C.KEY_BN_STATS),
     )  # fmt: skip
 
@@ -203,11 +204,11 @@ def load_global(
     cfg: Mapping[str, Any],
     arrays: ArrayRecord,
     node: Mapping[str, Any],
-    context: Context,
+    store: StateStore,
     stats: ArrayRecord | None = None,
 ) -> tuple[torch.nn.Module, ModelParts, bool]:
     """The model of a round config ``cfg``, packed parameters ``arrays`` and packed BatchNorm
-    ``stats`` (also for the SecAgg+ client).
+    ``stats`` (also for the SecAgg+ client); ``store``: the client's state (FedBN: its BatchNorm).
 
     Returns the model, its parts, and whether its BatchNorm started from the base this time.
     """
@@ -243,7 +244,7 @@ def load_global(
     if parts.unsent:
         base = _base_weights(node, parts, str(cfg.get(C.KEY_BASE_FINGERPRINT, "")))
         state.update({k: base[k] for k in parts.frozen})
-        own, new_bn = _own_batchnorm(context, parts, base)
+        own, new_bn = _own_batchnorm(store, parts, base)
         state.update(own)
     model.load_state_dict(state)
     return model, parts, new_bn
@@ -256,11 +257,12 @@ def train(msg: Message, context: Context) -> Message:
     """Train the global model on this client's partition; reply with weights and metrics."""
     node = node_settings(context)
     cache, train_idx, _ = client_indices(node)
-    model, parts, new_bn = _load_global(msg, node, context)
     record = msg.content[C.KEY_CONFIG]
+    store = client_state(record, context, int(node[C.KEY_PARTITION_ID]))
+    model, parts, new_bn = _load_global(msg, node, store)
     cfg = to_train_config(record, int(node[C.KEY_PARTITION_ID]))
     device = next(model.parameters()).device
-    controls = read_controls(msg, context, model, parts.shared, cfg.optimizer)  # SCAFFOLD only
+    controls = read_controls(msg, store, model, parts.shared, cfg.optimizer)  # SCAFFOLD only
     dp = dpsgd_config(record)
     if dp is None:
         result = train_local(
@@ -306,8 +308,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics[C.KEY_DPSGD_STEPS] = int(result.total_steps)
     state = model.state_dict()
     if parts.local:
-        # FedBN: the client's BatchNorm (dtypes kept) waits in its Context for its next round.
-        context.state[C.STATE_LOCAL_BN] = ArrayRecord(
+        # FedBN: the client's BatchNorm (dtypes kept) waits in its state for its next round.
+        store[C.STATE_LOCAL_BN] = ArrayRecord(
             {k: Array(state[k].detach().cpu().numpy()) for k in parts.local}
         )
         metrics[C.KEY_NEW_BN] = int(new_bn)
@@ -316,12 +318,12 @@ def train(msg: Message, context: Context) -> Message:
     if parts.stats:
         content[C.KEY_BN_STATS] = pack_tensors({k: state[k] for k in parts.stats})
     if controls is not None:
-        # SCAFFOLD: c_i+ waits in the Context for the next round; the server gets the change.
+        # SCAFFOLD: c_i+ waits in the client's state for its next round; the server gets the change.
         c_i, delta = update_controls(
             controls, msg.content[C.KEY_ARRAYS][C.KEY_FLAT].numpy(), shared[C.KEY_FLAT].numpy(),
             result.steps, cfg.lr, cfg.momentum,
         )  # fmt: skip
-        store_controls(context, c_i)
+        store_controls(store, c_i)
         content[C.KEY_CONTROL_DELTA] = packed_record(delta)
     return Message(content=content, reply_to=msg)
 
@@ -331,9 +333,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the global model (under FedBN: with this client's BatchNorm) on local validation."""
     node = node_settings(context)
     cache, _, val_idx = client_indices(node)
-    model, _, _ = _load_global(msg, node, context)
-    device = next(model.parameters()).device
     record = msg.content[C.KEY_CONFIG]
+    store = client_state(record, context, int(node[C.KEY_PARTITION_ID]), evaluating=True)
+    model, _, _ = _load_global(msg, node, store)
+    device = next(model.parameters()).device
     res = evaluate(
         model, cache.images, cache.labels, val_idx, device=device,
         normalise=str(record.get(C.KEY_NORMALISE, "imagenet")),

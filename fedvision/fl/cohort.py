@@ -17,10 +17,10 @@ work ``a_i``: a worker replies ``y_c = x - a_c * d_c`` with ``a_c`` as its plain
 that FedNova's ``tau_eff = sum_c p_c a_c`` and ``sum_c p_c (x - y_c) / a_c`` over the cohorts are
 its sums over the clients. SCAFFOLD depends on them through plain means of models and
 control-variate changes: a worker replies those with its client count, and keeps each
-client's ``c_i`` in a file of the launch's folder (:func:`client_state_dir`), since any worker
-may train the client next. Everything else is refused by :func:`check_cohort` before any work
-(rules that need each update, FedBN, adaptive clipping, DP-SGD, SecAgg+, federated
-evaluation). Per-client results
+client's ``c_i`` in the run directory's client-state folder (:mod:`fedvision.fl.client_state`),
+since any worker may train the client next. Everything else is refused by :func:`check_cohort`
+before any work (rules that need each update, FedBN, adaptive clipping, DP-SGD, SecAgg+,
+federated evaluation). Per-client results
 (who trained, example counts, losses, update norms, failures with their reasons) travel beside
 the mean in a ConfigRecord and are recorded as in a per-client run.
 
@@ -41,8 +41,6 @@ one virtual reply per trained client; the clients it accepts must be the ones ke
 from __future__ import annotations
 
 import logging
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,19 +146,6 @@ def split_cohorts(pids: Sequence[int], sizes: Sequence[int], workers: int) -> li
     return [sorted(c) for c in cohorts]
 
 
-def client_state_dir(run_dir: Path) -> Path:
-    """A new, empty folder for this launch's per-client state (SCAFFOLD's ``c_i``).
-
-    Earlier launches' folders are removed: like a node's Context in a per-client run, client
-    state lives as long as the launch, and a resumed run starts from none.
-    """
-    root = run_dir / C.COHORT_STATE_DIR
-    shutil.rmtree(root, ignore_errors=True)
-    folder = root / uuid.uuid4().hex[:12]
-    folder.mkdir(parents=True)
-    return folder
-
-
 class Population:
     """A grid of one virtual node per partition (node id = partition id), for sampling only."""
 
@@ -178,7 +163,7 @@ class CohortRounds:
     def __init__(
         self, cfg: Mapping[str, Any], plan: RunPlan, strategy: Strategy, parts: ModelParts,
         layouts: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], timeout: float,
-        hooks: Sequence[Feature] = (), run_dir: Path | None = None,
+        hooks: Sequence[Feature] = (),
     ) -> None:  # fmt: skip
         self.strategy, self.parts, self.timeout = strategy, parts, timeout
         self.layouts = layouts
@@ -193,17 +178,18 @@ class CohortRounds:
         self.normalise = str(cfg["strategy"].get("_target_")) == FEDNOVA
         self.identity = {p: p for p in range(self.num_clients)}  # virtual node id = partition
         self.system = next((h for h in hooks if isinstance(h, SystemRound)), None)
-        self.state_dir: Path | None = None
-        if str(cfg["strategy"].get("_target_")) == SCAFFOLD:
-            if run_dir is None:
-                raise FedvisionError("SCAFFOLD in cohorts needs the run directory for c_i")
-            self.state_dir = client_state_dir(run_dir)
+        if str(cfg["strategy"].get("_target_")) == SCAFFOLD and not plan.client_state_dir:
+            # Any worker may train a client next: its c_i must be where every worker looks.
+            raise FedvisionError(
+                "SCAFFOLD in cohorts keeps each client's c_i in the run directory, but the run "
+                "plan names no client-state folder: prepare the run with runtime=simulation"
+            )
 
     @classmethod
     def build(
         cls, cfg: Mapping[str, Any], plan: RunPlan, strategy: Strategy, parts: ModelParts,
         layouts: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], timeout: float,
-        hooks: Sequence[Feature] = (), run_dir: Path | None = None,
+        hooks: Sequence[Feature] = (),
     ) -> CohortRounds | None:  # fmt: skip
         """The cohort rounds of a run whose plan has cohort workers, else None.
 
@@ -214,7 +200,7 @@ class CohortRounds:
         """
         if not plan.cohort_workers:
             return None
-        return cls(cfg, plan, strategy, parts, layouts, timeout, hooks, run_dir)
+        return cls(cfg, plan, strategy, parts, layouts, timeout, hooks)
 
     def _cohort_config(
         self, base: Mapping[str, Any], cohort: Sequence[int], own: Mapping[int, Message]
@@ -225,8 +211,6 @@ class CohortRounds:
             extra[C.KEY_COHORT_CLIP] = self.clip
         if self.normalise:
             extra[C.KEY_COHORT_NORMALISE] = True
-        if self.state_dir is not None:
-            extra[C.KEY_COHORT_STATE] = str(self.state_dir)
         if self.system is not None:  # each client's own work, and its clock under a deadline
             configs = [own[p].content[C.KEY_CONFIG] for p in cohort]
             extra[C.KEY_COHORT_LOCAL_STEPS] = [int(c[C.KEY_LOCAL_STEPS]) for c in configs]

@@ -22,29 +22,33 @@ and epochs) and, with a deadline, its simulated transfer time and speed: a clien
 finish after the deadline trains (its work is reported) but stays out of the mean, as a late
 reply does.
 
-Under SCAFFOLD each client's ``c_i`` lives in a file of the folder the server names for this
-launch (any worker may train the client next), and the worker replies the unweighted means of
-its clients' models and control-variate changes, with their count.
+Under SCAFFOLD each client's ``c_i`` lives in the run directory's client-state folder, which the
+server names in the round config (:mod:`fedvision.fl.client_state`: any worker may train the
+client next, and a resumed run continues it), and the worker replies the unweighted means of its
+clients' models and control-variate changes, with their count.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvision import constants as C
 from fedvision.engine import train_local
+from fedvision.fl.client_state import client_state
 from fedvision.fl.clientapp import client_indices, load_global, node_settings
 from fedvision.fl.round_config import to_train_config
 from fedvision.privacy.client import equal_weights
 from fedvision.system.model import is_late
 from strategies.fednova import momentum_steps
-from strategies.scaffold import Controls, controls_of, grad_correction, update_controls
+from strategies.scaffold import (
+    Controls,
+    controls_of,
+    grad_correction,
+    store_controls,
+    update_controls,
+)
 
 app = ClientApp()
 
@@ -69,24 +73,6 @@ def _flat(state: dict[str, torch.Tensor], keys: tuple[str, ...]) -> torch.Tensor
     return torch.cat([state[k].detach().reshape(-1).to(torch.float32) for k in keys]).double()
 
 
-def _stored_control(folder: str, pid: int) -> np.ndarray | None:
-    """Client ``pid``'s SCAFFOLD ``c_i`` from this launch's folder (None: it never trained)."""
-    path = Path(folder) / f"{pid}.npy"
-    return np.load(path) if path.exists() else None
-
-
-def _store_control(folder: str, pid: int, c_i: np.ndarray) -> None:
-    """Keep ``c_i`` for client ``pid``'s next round, whichever worker trains it.
-
-    Atomic for a reader (a rename), not fsynced: like a node's Context, it lives only as long
-    as the launch (a resumed run starts every ``c_i`` from zeros, as a per-client run does).
-    """
-    path = Path(folder) / f"{pid}.npy"
-    tmp = path.with_name(f"{pid}.tmp.npy")
-    np.save(tmp, c_i)
-    os.replace(tmp, path)
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this round's cohort; reply with its example-weighted mean and per-client results."""
@@ -95,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
     # The round's model, built once: each client starts from these tensors, on the model this
     # process keeps resident (no per-client unpacking of the received record).
     model, parts, _ = load_global(
-        record, msg.content[C.KEY_ARRAYS], worker, context,
+        record, msg.content[C.KEY_ARRAYS], worker, context.state,  # no FedBN in cohorts
         stats=msg.content.array_records.get(C.KEY_BN_STATS),
     )  # fmt: skip
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -130,7 +116,9 @@ def train(msg: Message, context: Context) -> Message:
             cfg = to_train_config(own, pid)
             controls: Controls | None = None
             if control is not None:
-                stored = _stored_control(str(record[C.KEY_COHORT_STATE]), pid)
+                store = client_state(record, context, pid)
+                own_c = store.get(C.STATE_CONTROL)
+                stored = None if own_c is None else own_c[C.KEY_FLAT].numpy().reshape(-1)
                 controls = controls_of(control, stored, start_flat.numel())
             result = train_local(
                 model, cache.images, cache.labels, train_idx, cfg, device,
@@ -147,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
         if controls is not None:  # option II, as the per-client ClientApp does it
             y32 = _flat(state, parts.shared).to(torch.float32).numpy()
             c_i, delta = update_controls(controls, start32, y32, result.steps, cfg.lr, cfg.momentum)
-            _store_control(str(record[C.KEY_COHORT_STATE]), pid, c_i)
+            store_controls(store, c_i)
         trained.append(pid)
         steps_done.append(int(result.steps))
         samples_done.append(int(result.samples_seen))

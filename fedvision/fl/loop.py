@@ -45,6 +45,7 @@ from fedvision.fl.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
+from fedvision.fl.client_state import ClientStates
 from fedvision.fl.cohort import CohortRounds
 from fedvision.fl.directory import (
     ClientDirectory,
@@ -88,12 +89,15 @@ def features(
     run_dir: Path,
     history: Sequence[Mapping[str, Any]],
     resumed: Checkpoint | None,
+    *,
+    states_kept: bool = False,
 ) -> list[Feature]:
-    """The run's features, built once from its config (``resumed``: the checkpoint, or None)."""
+    """The run's features, built once from its config (``resumed``: the checkpoint, or None;
+    ``states_kept``: the clients' state between rounds survives a resume)."""
     built = (
         PrivacyRound.build(cfg, history, resumed),
         SystemRound.build(cfg, run_dir, history),
-        FedBNRound.build(cfg, resumed),
+        FedBNRound.build(cfg, resumed, states_kept=states_kept),
     )
     return [f for f in built if f is not None]
 
@@ -220,7 +224,11 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     recorder = RunRecorder(
         run_dir, history, select_on=select_on, tracker=build_tracker(cfg, run_dir)
     )
-    hooks = features(cfg, run_dir, history, resumed)
+    # Clients that see the run directory keep their state there, in step with the checkpoints.
+    states = ClientStates(Path(plan.client_state_dir)) if plan.client_state_dir else None
+    if states is not None:
+        states.start(None if resumed is None else resumed.round)
+    hooks = features(cfg, run_dir, history, resumed, states_kept=states is not None)
     # The strategy sees only what training changes (and FedBN keeps BatchNorm on the clients);
     # the rest of `arrays` never changes, and its fingerprint tells clients which base to use.
     parts = run_parts(cfg, num_classes)
@@ -228,7 +236,7 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
     layouts = (layout_of(subset(arrays, parts.shared)), layout_of(subset(arrays, parts.stats)))
     secure = SecureRounds.build(cfg, plan)  # SecAgg+: its workflow exchanges and aggregates
     # Cohort execution: a few workers train the sampled clients back to back (fl/cohort.py).
-    cohorts = CohortRounds.build(cfg, plan, strategy, parts, layouts, timeout, hooks, run_dir)
+    cohorts = CohortRounds.build(cfg, plan, strategy, parts, layouts, timeout, hooks)
     rounds = secure or cohorts or MessageRounds(cfg, strategy, hooks, parts, layouts, timeout)
     hooks += [secure] if secure else []
     federated = float(getattr(base_strategy(strategy), "fraction_evaluate", 0.0)) > 0
@@ -277,6 +285,8 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
         config = ConfigRecord(
             {**train_config(cfg, rnd, num_classes), C.KEY_BASE_FINGERPRINT: base_fp}
         )
+        if states is not None:
+            config[C.KEY_CLIENT_STATE] = str(states.folder)
         for h in hooks:
             config.update(h.round_config(rnd))
         # Clients that restarted or reconnected come back under new node ids.
@@ -311,6 +321,8 @@ def run_rounds(grid: Grid, run_dir: Path, cfg: dict[str, Any], started: float) -
         recorder.append(record)
         os.replace(tmp, latest)
         fsync_dir(run_dir)  # the rename itself survives a power cut
+        if states is not None:  # only now: until the rename, a resume starts from round rnd - 1
+            states.keep_newest(trained.record.get("clients", []))
         if best_round == rnd:
             link_or_copy(latest, run_dir / C.CKPT_BEST)
         bar.set_postfix(

@@ -192,11 +192,14 @@ class FedBNRound(Feature):
     """FedBN in the round loop: counts the clients whose BatchNorm started from the base."""
 
     @classmethod
-    def build(cls, cfg: Mapping[str, Any], resumed: Any) -> FedBNRound | None:
-        """The hook for a FedBN run (None otherwise); says what a resume cannot keep."""
+    def build(
+        cls, cfg: Mapping[str, Any], resumed: Any, *, states_kept: bool = False
+    ) -> FedBNRound | None:
+        """The hook for a FedBN run (None otherwise); says what a resume cannot keep (the
+        clients' BatchNorm, unless they keep it in the run directory: ``states_kept``)."""
         if not local_bn(cfg):
             return None
-        if resumed is not None:
+        if resumed is not None and not states_kept:
             tqdm.write(
                 "fedvision: FedBN resumes with every client's BatchNorm back at the initial "
                 "weights (the clients' own BatchNorm is not in the checkpoint)",

@@ -49,7 +49,8 @@ def fit(
         ArrayRecord({C.KEY_FLAT: Array(np.asarray(a, dtype=np.float32))}) for a in parameters
     ]
     stats = received[1] if len(received) > 1 else None
-    model, parts, _ = load_global(config, received[0], node, context, stats=stats)
+    # No state between rounds: SecAgg+ runs FedAvg without FedBN (fedvision.fl.secagg).
+    model, parts, _ = load_global(config, received[0], node, context.state, stats=stats)
     cache, train_idx, _ = client_indices(node)
     pid = int(node[C.KEY_PARTITION_ID])
     device = next(model.parameters()).device

@@ -17,6 +17,9 @@ class Runtime(Protocol):
     name: str
     connect_timeout_s: float  # the server waits this long for every client (run.json)
     round_timeout_s: float  # and this long for a round's replies
+    # Every client sees the run directory (one machine, or a cluster's shared filesystem): the
+    # clients' state between rounds is kept there (fedvision.fl.client_state) and survives a resume.
+    shares_run_dir: bool
 
     def check(self) -> None: ...
 

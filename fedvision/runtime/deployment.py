@@ -79,6 +79,7 @@ class DeploymentRuntime:
     """
 
     name = "deployment"
+    shares_run_dir = False
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ class PrepareOnly:
     """Prepare the run directory and stop: for ``flwr run`` against any Flower federation."""
 
     name = "prepare_only"
+    shares_run_dir = False
 
     def __init__(
         self,

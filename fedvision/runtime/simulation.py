@@ -144,6 +144,7 @@ class SimulationRuntime:
     """
 
     name = "simulation"
+    shares_run_dir = True
 
     def __init__(
         self,
