@@ -259,3 +259,31 @@ def test_the_plan_names_the_folder_where_every_client_sees_the_run_directory(
     _prepare_run_dir(cfg, tmp_path, build_runtime(cfg), None)  # prepared, nothing started
     want = str((tmp_path / C.CLIENT_STATE_DIR).resolve()) if files else None
     assert read_plan(tmp_path).client_state_dir == want
+
+
+class DropsTheFolder(LoopbackGrid):
+    """A server of an older fedvision: its round configs name no client-state folder."""
+
+    def send_and_receive(self, messages, timeout=None):
+        for m in messages:
+            if C.KEY_CONFIG in m.content.config_records:
+                m.content[C.KEY_CONFIG].pop(C.KEY_CLIENT_STATE, None)
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_cohort_worker_refuses_scaffold_without_the_folder_instead_of_mixing_its_clients(
+    generated_dataset, tmp_path
+):
+    _prepare(generated_dataset, tmp_path, SCAFFOLD, files=True, workers=2)
+    grid = DropsTheFolder(
+        {700 + i: cohort_clientapp.app for i in range(2)},
+        node_config={700 + i: {C.KEY_PARTITION_ID: i, C.KEY_NUM_PARTITIONS: 2} for i in range(2)},
+        run_config={C.RUN_DIR_KEY: str(tmp_path)},
+    )
+    with pytest.raises(FedvisionError, match="SCAFFOLD in cohorts needs the client-state folder"):
+        serve(grid, tmp_path)
+    status = json.loads((tmp_path / C.RUN_STATUS).read_text())
+    assert "needs the client-state folder" in status["error"], status
+    assert not (tmp_path / C.CLIENT_STATE_DIR).exists() or not any(
+        (tmp_path / C.CLIENT_STATE_DIR).rglob("*.npz")
+    )

@@ -36,6 +36,7 @@ from flwr.clientapp import ClientApp
 
 from fedvision import constants as C
 from fedvision.engine import train_local
+from fedvision.errors import FedvisionError
 from fedvision.fl.client_state import client_state
 from fedvision.fl.clientapp import client_indices, load_global, node_settings
 from fedvision.fl.round_config import to_train_config
@@ -94,6 +95,12 @@ def train(msg: Message, context: Context) -> Message:
     equal = equal_weights(record)  # client-level DP: every client weighs 1
     normalise = bool(record.get(C.KEY_COHORT_NORMALISE, False))  # FedNova
     control = msg.content.array_records.get(C.KEY_CONTROL)  # SCAFFOLD's c
+    if control is not None and not record.get(C.KEY_CLIENT_STATE):
+        # The worker's own Context is one for all its clients: c_i must be kept per client.
+        raise FedvisionError(
+            "SCAFFOLD in cohorts needs the client-state folder in the round config; the server "
+            "sent none (server and worker run different fedvision versions)"
+        )
     if control is not None:
         sums[C.KEY_CONTROL_DELTA], totals[C.KEY_CONTROL_DELTA] = torch.zeros_like(start_flat), 0.0
         start32 = start_flat.to(torch.float32).numpy()
