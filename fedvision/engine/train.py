@@ -231,7 +231,8 @@ class EvalResult:
     num_examples: int
 
 
-def _as_device(device: torch.device | str) -> torch.device:
+def as_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch device (a name such as ``auto`` is resolved)."""
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 
@@ -272,9 +273,10 @@ def _owned(arr: np.ndarray) -> np.ndarray:
     return np.array(arr)
 
 
-def _load(
+def load_batch(
     images: np.ndarray, labels: np.ndarray, idx: np.ndarray, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's uint8 images and int64 labels on ``device`` (pinned first for CUDA)."""
     x = torch.from_numpy(_owned(images[idx]))
     y = torch.from_numpy(_owned(labels[idx]).astype(np.int64, copy=False))
     if device.type == "cuda":
@@ -284,7 +286,8 @@ def _load(
     return x, y
 
 
-def _rng_devices(device: torch.device) -> list[int]:
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG ``torch.random.fork_rng`` must save for ``device``."""
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
@@ -341,7 +344,7 @@ def train_local(
     -------
     TrainResult
     """
-    device = _as_device(device)
+    device = as_device(device)
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size == 0:
         raise FedvisionError(
@@ -390,7 +393,7 @@ def train_local(
     seen = step = 0
     start = time.perf_counter()
     with (
-        torch.random.fork_rng(devices=_rng_devices(device)),
+        torch.random.fork_rng(devices=rng_devices(device)),
         tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar,
     ):
         if device.type == "cuda":
@@ -405,7 +408,7 @@ def train_local(
             for idx in _split(order, cfg.batch_size):
                 if step >= total:
                     break
-                x, y = _load(images, labels, idx, device)
+                x, y = load_batch(images, labels, idx, device)
                 x = transform(x, generator=gen)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -527,7 +530,7 @@ def evaluate(
     EvalResult
         Mean cross-entropy, accuracy and the number of samples.
     """
-    device = _as_device(device)
+    device = as_device(device)
     if batch_size < 1:
         raise FedvisionError(f"evaluation batch_size must be >= 1 (got {batch_size})")
     if indices is None:
@@ -546,7 +549,7 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     with torch.inference_mode():
         for idx in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
-            x, y = _load(images, labels, idx, device)
+            x, y = load_batch(images, labels, idx, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(transform(x))
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")

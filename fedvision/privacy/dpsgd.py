@@ -36,9 +36,9 @@ from fedvision.engine.schedule import make_optimizer
 from fedvision.engine.train import (
     TrainConfig,
     TrainResult,
-    _as_device,
-    _load,
-    _rng_devices,
+    as_device,
+    load_batch,
+    rng_devices,
     steps_per_epoch,
 )
 from fedvision.errors import FedvisionError
@@ -176,7 +176,7 @@ def train_local_dpsgd(
     -------
     DPSGDResult
     """
-    device = _as_device(device)
+    device = as_device(device)
     indices = np.asarray(indices, dtype=np.int64)
     n = len(indices)
     if n == 0:
@@ -216,7 +216,7 @@ def train_local_dpsgd(
         gen = torch.Generator().manual_seed(cfg.seed)
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=_rng_devices(device)):
+        with torch.random.fork_rng(devices=rng_devices(device)):
             torch.manual_seed(cfg.seed)  # Opacus draws its noise from the global generator
             for _ in range(total):
                 take = torch.rand(n, generator=gen).numpy() < sample_rate
@@ -225,7 +225,7 @@ def train_local_dpsgd(
                     # An empty Poisson batch: skipping it releases less than the accountant
                     # counts, so the reported epsilon still bounds what was released.
                     continue
-                x, y = _load(images, labels, idx, device)
+                x, y = load_batch(images, labels, idx, device)
                 logits = gsm(transform(x, generator=gen))
                 loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
