@@ -97,3 +97,29 @@ def test_check_errors(tmp_path: Path) -> None:
     (root / "train" / "n05555555").mkdir()
     with pytest.raises(FedvisionError, match="n05555555"):
         check_tree(root, workers=1, progress=False)
+
+
+def test_a_report_does_not_depend_on_the_order_images_were_counted_in() -> None:
+    # A process pool returns its chunks in a varying order; Counter.most_common breaks ties by
+    # insertion order, so the pooled report once differed from the inline one (a CI failure).
+    from collections import Counter
+
+    from fedvision.data.check import CheckReport
+
+    seen = [(50, 20), (30, 30), (50, 20), (30, 30), (40, 30), (40, 30), (40, 30)]
+    modes = ["L", "RGB", "CMYK", "RGB", "CMYK", "RGB", "L"]
+    reports = [
+        CheckReport(
+            root=Path("/d"),
+            header_only=False,
+            classes=["a"],
+            per_class={"train": {"a": 7}},
+            modes=Counter(m),
+            sizes=Counter(s),
+        )
+        for m, s in ((modes, seen), (modes[::-1], seen[::-1]))
+    ]
+    a, b = (r.to_dict() for r in reports)
+    assert a == b
+    assert a["sizes"]["most_common"] == [[40, 30, 3], [30, 30, 2], [50, 20, 2]]
+    assert list(a["modes"].items()) == [("RGB", 3), ("CMYK", 2), ("L", 2)]

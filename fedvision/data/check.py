@@ -52,7 +52,10 @@ class CheckReport:
                     median = v
                     break
             out[name] = {"min": values[0], "median": median, "max": values[-1]}
-        out["most_common"] = [[w, h, n] for (w, h), n in self.sizes.most_common(5)]
+        # Ties by size, not by the order the images were counted in (a process pool's order
+        # varies from run to run): the same folder gives the same report.
+        common = sorted(self.sizes.items(), key=lambda item: (-item[1], item[0]))[:5]
+        out["most_common"] = [[w, h, n] for (w, h), n in common]
         return out
 
     def to_dict(self) -> dict:
@@ -66,7 +69,7 @@ class CheckReport:
                 s: {"images": sum(c.values()), "classes": len(c), "per_class": dict(c)}
                 for s, c in self.per_class.items()
             },
-            "modes": dict(self.modes.most_common()),
+            "modes": dict(sorted(self.modes.items(), key=lambda item: (-item[1], item[0]))),
             "sizes": self.size_stats(),
             "unreadable": [p for p, _ in self.unreadable],
             "unreadable_reasons": {p: r for p, r in self.unreadable},
